@@ -79,7 +79,9 @@ class TextConfig:
         eos = _get(d, "eos_token_id", where=w)
         eos = [eos] if isinstance(eos, int) else list(eos)
         if d.get("rope_scaling") or (d.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-            raise ConfigError("config.json: rope scaling (Llama 4 Scout style) is not supported; Maverick uses none")
+            raise ConfigError(
+                "config.json: rope scaling (Llama 4 Scout style) is not supported; Maverick uses none"
+            )
         tuning = d.get("attn_temperature_tuning", True)
         cfg = cls(
             vocab_size=int(_get(d, "vocab_size", where=w)),
@@ -117,7 +119,9 @@ class TextConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("config.json: num_attention_heads must be a multiple of num_key_value_heads")
         if self.num_experts_per_tok != 1:
-            raise ConfigError("config.json: only top-1 routing (num_experts_per_tok=1) is supported, as in Llama 4")
+            raise ConfigError(
+                "config.json: only top-1 routing (num_experts_per_tok=1) is supported, as in Llama 4"
+            )
         if self.head_dim % 2:
             raise ConfigError("config.json: head_dim must be even for rotary embeddings")
         if any(not 0 <= i < self.num_hidden_layers for i in self.moe_layers):
@@ -179,7 +183,8 @@ class VisionConfig:
         shuffled = int(cfg.hidden_size / cfg.pixel_shuffle_ratio**2)
         if shuffled != cfg.intermediate_size:
             raise ConfigError(
-                f"config.json: vision intermediate_size {cfg.intermediate_size} must equal the pixel-shuffled "
+                f"config.json: vision intermediate_size {cfg.intermediate_size} must equal the "
+                f"pixel-shuffled "
                 f"width hidden_size/ratio^2 = {shuffled}"
             )
         if cfg.projector_output_dim != cfg.vision_output_dim:
@@ -204,7 +209,9 @@ class QuantConfig:
     def from_dict(cls, q: dict[str, Any]) -> QuantConfig:
         method = q.get("quant_method")
         if method != "compressed-tensors":
-            raise ConfigError(f"config.json: unsupported quantization method {method!r} (want 'compressed-tensors')")
+            raise ConfigError(
+                f"config.json: unsupported quantization method {method!r} (want 'compressed-tensors')"
+            )
         groups = q.get("config_groups") or {}
         if len(groups) != 1:
             raise ConfigError("config.json: expected exactly one compressed-tensors config group")
@@ -215,11 +222,15 @@ class QuantConfig:
         for name, got, want in (("weights", wt, want_w), ("input_activations", act, want_a)):
             bad = {k: got.get(k) for k, v in want.items() if got.get(k) != v}
             if bad:
-                raise ConfigError(f"config.json: unsupported compressed-tensors {name} scheme {bad}; want {want}")
+                raise ConfigError(
+                    f"config.json: unsupported compressed-tensors {name} scheme {bad}; want {want}"
+                )
         fmt = q.get("format", "float-quantized")
         if fmt not in ("float-quantized", "naive-quantized"):
             raise ConfigError(f"config.json: unsupported compressed-tensors format {fmt!r}")
-        return cls(method="compressed-tensors", weight_dtype="float8_e4m3fn", ignore=tuple(q.get("ignore") or ()))
+        return cls(
+            method="compressed-tensors", weight_dtype="float8_e4m3fn", ignore=tuple(q.get("ignore") or ())
+        )
 
 
 @dataclass(frozen=True)
@@ -249,17 +260,23 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type != "llama4":
-            raise ConfigError(f"config.json: model_type is {model_type!r}, not 'llama4' (not a Llama 4 checkpoint)")
+            raise ConfigError(
+                f"config.json: model_type is {model_type!r}, not 'llama4' (not a Llama 4 checkpoint)"
+            )
         archs = raw.get("architectures") or ["Llama4ForConditionalGeneration"]
         if "Llama4ForConditionalGeneration" not in archs:
-            raise ConfigError(f"config.json: architectures {archs} do not include Llama4ForConditionalGeneration")
+            raise ConfigError(
+                f"config.json: architectures {archs} do not include Llama4ForConditionalGeneration"
+            )
         if not isinstance(raw.get("text_config"), dict) or not isinstance(raw.get("vision_config"), dict):
             raise ConfigError("config.json: needs both text_config and vision_config")
         q = raw.get("quantization_config")
         text = TextConfig.from_dict(raw["text_config"])
         vision = VisionConfig.from_dict(raw["vision_config"])
         if text.use_qk_norm:
-            raise ConfigError("config.json: use_qk_norm=True (Llama 4 Scout) is not supported; this engine serves Maverick")
+            raise ConfigError(
+                "config.json: use_qk_norm=True (Llama 4 Scout) is not supported; this engine serves Maverick"
+            )
         return cls(
             text=text,
             vision=vision,

@@ -1,0 +1,92 @@
+"""Llama 4 mixture of experts: top-1 sigmoid router, routed experts, and an ungated shared expert.
+
+out = shared_expert(x) + expert_e(x * sigmoid(router_logit_e)),  e = argmax(router(x))
+
+The router score scales the expert's *input* (not its output), with no renormalisation. Routed
+experts are stacked: w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], either in FP8 with
+per-row scales (`_scaled_mm`, per-token activation scales) or in a float dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maverick.layers.fp8 import FP8_DTYPE, fp8_linear
+from maverick.layers.mlp import MLP
+from maverick.layers.parallel import set_tp_dim
+
+
+class RoutedExperts(nn.Module):
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype, fp8: bool
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.fp8 = fp8
+        wdtype = FP8_DTYPE if fp8 else dtype
+        E, H, inter = num_experts, hidden_size, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H, dtype=wdtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, H, inter, dtype=wdtype), requires_grad=False)
+        set_tp_dim(
+            self.w13, 1
+        )  # gate and up rows are each split per rank (the loader slices before stacking)
+        set_tp_dim(self.w2, 2)
+        if fp8:
+            self.w13_scale = nn.Parameter(torch.empty(E, 2 * inter, dtype=torch.float32), requires_grad=False)
+            self.w2_scale = nn.Parameter(torch.empty(E, H, dtype=torch.float32), requires_grad=False)
+            set_tp_dim(self.w13_scale, 1)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
+        if self.fp8:
+            gate_up = fp8_linear(x, self.w13[e], self.w13_scale[e])  # [n, 2I]
+        else:
+            gate_up = x @ self.w13[e].t()
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = F.silu(gate) * up  # [n, I]
+        if self.fp8:
+            return fp8_linear(h, self.w2[e], self.w2_scale[e])
+        return h @ self.w2[e].t()
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H] (already scaled by the router); expert_ids [T] -> [T, H].
+
+        Tokens are grouped by expert so each expert runs one matmul over its tokens.
+        """
+        out = torch.zeros_like(x)
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = order[start : start + n]
+                out[rows] = self.expert(e, x[rows])
+                start += n
+        return out
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, num_experts: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (expert_ids [T], scores [T] in x's dtype): top-1 on raw logits, sigmoid score."""
+        logits = x @ self.weight.t()  # [T, E]
+        top_logit, expert_ids = logits.max(dim=-1)
+        return expert_ids, torch.sigmoid(top_logit.float()).to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, dtype: torch.dtype, fp8: bool
+    ):
+        super().__init__()
+        self.router = Router(hidden_size, num_experts, dtype)
+        self.experts = RoutedExperts(num_experts, hidden_size, intermediate_size, dtype, fp8)
+        self.shared_expert = MLP(hidden_size, intermediate_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        expert_ids, scores = self.router(x)
+        routed = self.experts(x * scores[:, None], expert_ids)
+        return self.shared_expert(x) + routed

@@ -1,0 +1,165 @@
+"""Llama 4 (Maverick) as one PyTorch module tree whose parameter names are the Hugging Face
+checkpoint's (`language_model.model.layers.{i}...`, `vision_model...`, `multi_modal_projector...`),
+except the routed experts, which are stacked (see layers/moe.py and checkpoint.py).
+
+The text forward takes a flat batch of tokens from many sequences (prefill chunks and decodes
+mixed), their absolute positions, and paged-attention metadata; K/V go to and come from a paged
+cache, so one step can serve many requests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from maverick.config import ModelConfig, TextConfig
+from maverick.layers.attention import AttentionMetadata, paged_attention, write_kv
+from maverick.layers.mlp import MLP
+from maverick.layers.moe import MoE
+from maverick.layers.norm import RMSNorm
+from maverick.layers.parallel import set_tp_dim
+from maverick.layers.rope import apply_rope, attn_temperature, rope_cos_sin
+from maverick.models.vision import MultiModalProjector, VisionModel
+
+KVCache = tuple[
+    torch.Tensor, torch.Tensor
+]  # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+class TextAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.use_rope = cfg.uses_rope(layer)
+        # RoPE layers see only their own chunk; NoPE layers see everything, with temperature tuning.
+        self.chunk_size = cfg.attention_chunk_size if self.use_rope else None
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False, dtype=dtype)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            set_tp_dim(proj.weight, 0)
+        set_tp_dim(self.o_proj.weight, 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, head_dim // 2]
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        elif self.temperature_tuning:
+            q = (q * attn_temperature(positions, self.floor_scale, self.attn_scale)[:, None, None]).to(
+                q.dtype
+            )
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.chunk_size)  # [T, heads, head_dim]
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int, dtype: torch.dtype, fp8_experts: bool):
+        super().__init__()
+        self.self_attn = TextAttention(cfg, layer, dtype)
+        if cfg.is_moe(layer):
+            self.feed_forward: nn.Module = MoE(
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, dtype, fp8_experts
+            )
+        else:
+            self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, x, positions, rope, meta, kv_cache) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, meta, kv_cache)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig, dtype: torch.dtype, fp8_experts: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype, fp8_experts) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, embeds, positions, meta, kv_caches: list[KVCache]) -> torch.Tensor:
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = embeds
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, positions, rope, meta, kv_cache)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig, dtype: torch.dtype, fp8_experts: bool):
+        super().__init__()
+        self.model = TextModel(cfg, dtype, fp8_experts)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        set_tp_dim(self.lm_head.weight, 0)
+
+
+class Llama4Model(nn.Module):
+    """Text decoder + vision tower + projector. `dtype` is the compute dtype (fp32 or bf16);
+    `fp8_experts` keeps the routed experts in FP8 and runs them through `_scaled_mm`."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, fp8_experts: bool = False):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.fp8_experts = fp8_experts
+        self.language_model = CausalLM(config.text, dtype, fp8_experts)
+        self.vision_model = VisionModel(config.vision).to(dtype)
+        self.multi_modal_projector = MultiModalProjector(
+            config.vision.vision_output_dim, config.text.hidden_size
+        ).to(dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [tiles, 3, S, S] -> [tiles * tokens_per_tile, text hidden]: one row per <|patch|>."""
+        feats = self.vision_model(pixel_values.to(self.dtype))  # [tiles, tokens_per_tile, vision_output_dim]
+        return self.multi_modal_projector(feats.flatten(0, 1))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],
+        image_embeds: torch.Tensor
+        | None = None,  # [P, hidden]: rows for the <|patch|> tokens of input_ids, in order
+    ) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden] (after the last norm)."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # [T, hidden]
+        is_patch = input_ids == self.config.image_token_id
+        num_patches = int(is_patch.sum())
+        if num_patches or image_embeds is not None:
+            got = 0 if image_embeds is None else image_embeds.shape[0]
+            if got != num_patches:
+                raise ValueError(
+                    f"{num_patches} <|patch|> tokens in the batch but {got} image embedding rows"
+                )
+            embeds = embeds.masked_scatter(is_patch[:, None], image_embeds.to(embeds.dtype))
+        return self.language_model.model(embeds, positions, meta, kv_caches)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
+        return self.language_model.lm_head(hidden).float()

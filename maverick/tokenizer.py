@@ -1,0 +1,261 @@
+"""The engine's tokenizer: Llama 4 chat format, encode, decode and exact incremental detokenization.
+
+Built on the `tokenizers` library directly (not transformers) so the engine stays light. Reads a
+Hugging Face checkpoint's tokenizer.json (and generation_config.json for stop and pad ids); works on
+the real Llama 4 release and on our tiny checkpoint alike.
+
+Text out of ids. A token is either a byte-level BPE token (its bytes) or a special token (its name).
+Decoding concatenates the bytes and decodes UTF-8 with U+FFFD for invalid or truncated sequences,
+exactly as `tokenizers`' ByteLevel decoder does. One rule of ours: a special token always ends a
+byte run, also when it is skipped, so bytes never join across a (hidden) special token. That only
+matters when a special token sits inside a split character, and it makes streaming exact with a
+fixed-size context (see `detokenize_incrementally`).
+
+Output text skips special tokens by default, so stop tokens (end_of_text, eom, eot) and image
+tokens never show; `skip_special_tokens=False` shows them all.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+ROLES = ("system", "user", "assistant", "ipython")
+ROLE_ALIASES = {"tool": "ipython"}  # OpenAI's tool-result role is Llama 4's ipython
+IMAGE_PART_TYPES = ("image", "image_url")
+IMAGE_ROLES = ("user", "assistant")
+STOP_TOKENS = ("<|end_of_text|>", "<|eom|>", "<|eot|>")
+MIN_CONTEXT_TOKENS = 3  # a pending partial UTF-8 character has at most 3 bytes, each token at least 1
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2 byte-level alphabet: the printable character standing for each byte 0..255, in byte order.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, DEL, NBSP, soft
+    hyphen) are moved to U+0100.. in byte order, so every token string is visible text.
+    """
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # "!".."~", "¡".."¬", "®".."ÿ"
+    symbols, moved = [], 0
+    for b in range(256):
+        if b in printable:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + moved))
+            moved += 1
+    return symbols
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    text: str  # Llama 4 chat text, starting with <|begin_of_text|>; one <|image|> per image
+    images: tuple[dict, ...]  # the image parts, in the order of their <|image|> placeholders
+
+
+class Tokenizer:
+    def __init__(self, hf: _HFTokenizer, stop_ids: Sequence[int] | None = None, pad_id: int | None = None):
+        self._hf = hf
+        self._vocab = {**hf.get_vocab(with_added_tokens=True)}
+        byte_of = {c: b for b, c in enumerate(byte_symbols())}
+        added = hf.get_added_tokens_decoder()  # id -> AddedToken
+        self._special = {i: t.content for i, t in added.items() if t.special}
+        # id -> bytes of every non-special token; specials are looked up in self._special
+        self._bytes: dict[int, bytes] = {}
+        for token, i in self._vocab.items():
+            if i in self._special:
+                continue
+            if i in added:  # a non-special added token is plain text
+                self._bytes[i] = token.encode()
+            else:
+                self._bytes[i] = b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in token)
+        if stop_ids is None:
+            stop_ids = [self.token_id(t) for t in STOP_TOKENS]
+        self.stop_ids = tuple(stop_ids)
+        self.pad_id = pad_id if pad_id is not None else self.token_id("<|finetune_right_pad|>")
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: str | Path) -> Tokenizer:
+        d = Path(checkpoint_dir)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{d}: no tokenizer.json (expected a Hugging Face Llama 4 checkpoint)")
+        stop_ids = pad_id = None
+        gen = d / "generation_config.json"
+        if gen.is_file():
+            cfg = json.loads(gen.read_text())
+            eos = cfg.get("eos_token_id")
+            if eos is not None:
+                stop_ids = [eos] if isinstance(eos, int) else list(eos)
+            pad_id = cfg.get("pad_token_id")
+        return cls(_HFTokenizer.from_file(str(path)), stop_ids=stop_ids, pad_id=pad_id)
+
+    # --- ids ---
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows (base vocabulary + added tokens)."""
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        if token not in self._vocab:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return self._vocab[token]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id not in self._bytes  # ids outside the vocabulary count as (empty) specials
+
+    bos_id = property(lambda self: self.token_id("<|begin_of_text|>"))
+    eos_id = property(lambda self: self.token_id("<|end_of_text|>"))
+    eot_id = property(lambda self: self.token_id("<|eot|>"))
+    eom_id = property(lambda self: self.token_id("<|eom|>"))
+    image_start_id = property(lambda self: self.token_id("<|image_start|>"))
+    image_end_id = property(lambda self: self.token_id("<|image_end|>"))
+    image_id = property(lambda self: self.token_id("<|image|>"))
+    patch_id = property(lambda self: self.token_id("<|patch|>"))
+    tile_x_separator_id = property(lambda self: self.token_id("<|tile_x_separator|>"))
+    tile_y_separator_id = property(lambda self: self.token_id("<|tile_y_separator|>"))
+
+    # --- text <-> ids ---
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings in it (e.g. "<|eot|>") become their special ids."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        return self._feed(dec, ids, skip_special_tokens) + dec.decode(b"", final=True)
+
+    def _feed(self, dec: codecs.IncrementalDecoder, ids: Iterable[int], skip_special_tokens: bool) -> str:
+        """Push ids through a UTF-8 decoder; returns the complete text, leaves a partial character pending."""
+        out, run = [], []
+        for i in ids:
+            b = self._bytes.get(i)
+            if b is not None:
+                run.append(b)
+                continue
+            out.append(dec.decode(b"".join(run), final=True))  # a special token ends the byte run
+            dec.reset()
+            run = []
+            if not skip_special_tokens:
+                out.append(self._special.get(i, ""))
+        out.append(dec.decode(b"".join(run)))
+        return "".join(out)
+
+    def detokenize_incrementally(
+        self, ids: Sequence[int], num_new: int, skip_special_tokens: bool = True, final: bool = False
+    ) -> str:
+        """The text that the last `num_new` ids add to a stream; stateless.
+
+        `ids[:-num_new]` is context: ids already handed over by earlier calls, at least the last
+        MIN_CONTEXT_TOKENS of them (or all, near the start of the stream). Text that ends in an
+        incomplete UTF-8 character is held back until the character completes; `final=True` (with
+        the stream's last call) releases whatever is still held, as U+FFFD. Over a whole stream the
+        returned pieces concatenate to exactly `decode(all_ids, skip_special_tokens)`.
+        """
+        if not 0 <= num_new <= len(ids):
+            raise ValueError(f"num_new={num_new} must be within 0..len(ids)={len(ids)}")
+        split = len(ids) - num_new
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self._feed(dec, ids[:split], skip_special_tokens)  # re-derive what the last call held back
+        text = self._feed(dec, ids[split:], skip_special_tokens)
+        return text + dec.decode(b"", final=True) if final else text
+
+    # --- chat ---
+
+    def render_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, system: str | None = None
+    ) -> ChatPrompt:
+        """Llama 4 chat text for OpenAI-shaped messages ({"role", "content": str | list of parts}).
+
+        `<|begin_of_text|>`, then per message `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>`,
+        then the assistant header if add_generation_prompt. Role "tool" is written as "ipython".
+        System text is trimmed (as the release's template does); other content is kept as is.
+        Image parts ({"type": "image" | "image_url"}, user and assistant only) become one <|image|>
+        each. `system` is a convenience for a leading system message. Same output as the
+        chat_template in tokenizer_config.json (maverick.tiny_tokenizer.CHAT_TEMPLATE).
+        """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        if system is not None:
+            if _role_of(messages[0], 0) == "system":
+                raise ValueError("system= given and messages[0] is a system message too")
+            messages = [{"role": "system", "content": system}, *messages]
+        parts, images = ["<|begin_of_text|>"], []
+        for n, message in enumerate(messages):
+            role = _role_of(message, n)
+            text = _content_text(message, role, n, images)
+            if role == "system":
+                text = text.strip()
+            parts.append(f"<|header_start|>{role}<|header_end|>\n\n{text}<|eot|>")
+        if add_generation_prompt:
+            parts.append("<|header_start|>assistant<|header_end|>\n\n")
+        return ChatPrompt("".join(parts), tuple(images))
+
+
+def _role_of(message: object, n: int) -> str:
+    if not isinstance(message, dict):
+        raise ValueError(f"messages[{n}] must be a dict, got {type(message).__name__}")
+    role = message.get("role")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+    if role not in ROLES:
+        raise ValueError(f"messages[{n}]: unknown role {message.get('role')!r} (expected one of "
+                         f"{', '.join(ROLES + tuple(ROLE_ALIASES))})")
+    return role
+
+
+def _content_text(message: dict, role: str, n: int, images: list[dict]) -> str:
+    if message.get("tool_calls"):
+        raise ValueError(f"messages[{n}]: tool_calls are not supported; put the call text in content")
+    content = message.get("content")
+    if content is None:
+        raise ValueError(f"messages[{n}] ({role}) has no content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        got = type(content).__name__
+        raise ValueError(f"messages[{n}].content must be a str or a list of parts, got {got}")
+    out = []
+    for k, part in enumerate(content):
+        where = f"messages[{n}].content[{k}]"
+        if not isinstance(part, dict):
+            raise ValueError(f"{where} must be a dict with a 'type', got {type(part).__name__}")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                got = type(part.get("text")).__name__
+                raise ValueError(f"{where}: a text part needs a str 'text', got {got}")
+            out.append(part["text"])
+        elif kind in IMAGE_PART_TYPES:
+            if role not in IMAGE_ROLES:
+                raise ValueError(f"{where}: images belong in user or assistant messages, not {role}")
+            out.append("<|image|>")
+            images.append(part)
+        else:
+            raise ValueError(f"{where}: unsupported part type {kind!r} (expected text, image or image_url)")
+    return "".join(out)
+
+
+class IncrementalDetokenizer:
+    """Stateful convenience over Tokenizer.detokenize_incrementally: push new ids, get text deltas."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._context: list[int] = []  # the last MIN_CONTEXT_TOKENS ids pushed
+
+    def push(self, new_ids: Sequence[int], final: bool = False) -> str:
+        window = [*self._context, *new_ids]
+        delta = self._tok.detokenize_incrementally(window, len(new_ids), self._skip, final)
+        self._context = window[-MIN_CONTEXT_TOKENS:]
+        return delta
+
+    def finish(self) -> str:
+        """Release text still held back (a truncated character becomes U+FFFD)."""
+        return self.push([], final=True)

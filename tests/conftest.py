@@ -1,0 +1,37 @@
+"""Shared fixtures: the tiny checkpoints are built once per session by our own script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from maverick.tiny import write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """The embedded default in the FP8 release format (compressed-tensors experts)."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-fp8"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_bf16(tmp_path_factory) -> Path:
+    """The same architecture in the bf16 release format (fused experts, no quantization_config)."""
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-bf16"), seed=0, bf16=True)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_ckpt):
+    """transformers' Llama4ForConditionalGeneration on the tiny checkpoint, fp32 (the oracle)."""
+    from reference import load_reference
+
+    return load_reference(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def ours_fp32(tiny_ckpt):
+    from maverick.checkpoint import load_model
+
+    return load_model(tiny_ckpt, dtype=torch.float32, experts="dequant")
