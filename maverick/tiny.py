@@ -221,7 +221,7 @@ def write_checkpoint(out_dir: str | Path, seed: int = 0, bf16: bool = False) -> 
             "top_p": 0.9,
         },
     )
-    write_tokenizer(out, base_vocab_size=BASE_VOCAB)
+    write_tokenizer(out, base_vocab_size=BASE_VOCAB, model_max_length=text["max_position_embeddings"])
     _write_json(out / "preprocessor_config.json", image_processor_config())
     return out
 

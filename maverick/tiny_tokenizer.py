@@ -126,6 +126,8 @@ def train_bpe(text: str, base_vocab_size: int) -> tuple[dict[str, int], list[tup
     vocab = {s: i for i, s in enumerate(symbols)}
     for a, b in merges:
         vocab[a + b] = len(vocab)
+    if len(vocab) != base_vocab_size:  # a merge result repeated or equal to a byte symbol
+        raise ValueError(f"BPE training gave {len(vocab)} distinct tokens, expected {base_vocab_size}")
     return vocab, merges
 
 

@@ -70,8 +70,11 @@ class Tokenizer:
                 continue
             if i in added:  # a non-special added token is plain text
                 self._bytes[i] = token.encode()
-            else:
-                self._bytes[i] = b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in token)
+            else:  # as the ByteLevel decoder: a token with a character outside the alphabet is raw text
+                try:
+                    self._bytes[i] = bytes(byte_of[c] for c in token)
+                except KeyError:
+                    self._bytes[i] = token.encode()
         if stop_ids is None:
             stop_ids = [self.token_id(t) for t in STOP_TOKENS]
         self.stop_ids = tuple(stop_ids)
@@ -97,7 +100,9 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids the tokenizer knows (base vocabulary + added tokens)."""
+        """Number of ids the tokenizer knows (base vocabulary + added tokens). The model's embedding
+        may have more rows (the release's tokenizer.json lists fewer than its 2048 specials); ids
+        unknown to the tokenizer decode to ""."""
         return self._hf.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token: str) -> int:
@@ -106,7 +111,7 @@ class Tokenizer:
         return self._vocab[token]
 
     def is_special(self, token_id: int) -> bool:
-        return token_id not in self._bytes  # ids outside the vocabulary count as (empty) specials
+        return int(token_id) not in self._bytes  # ids outside the vocabulary count as (empty) specials
 
     bos_id = property(lambda self: self.token_id("<|begin_of_text|>"))
     eos_id = property(lambda self: self.token_id("<|end_of_text|>"))
@@ -136,6 +141,7 @@ class Tokenizer:
         """Push ids through a UTF-8 decoder; returns the complete text, leaves a partial character pending."""
         out, run = [], []
         for i in ids:
+            i = int(i)  # numpy / torch scalars too (a tensor element would not hash like its int)
             b = self._bytes.get(i)
             if b is not None:
                 run.append(b)

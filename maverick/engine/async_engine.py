@@ -1,0 +1,160 @@
+"""The engine on its own thread, with an asyncio streaming API.
+
+    engine = AsyncEngine(EngineConfig(model_dir=...))
+    async for out in engine.generate("req-1", prompt, SamplingParams(max_tokens=64)):
+        print(out.text, end="")
+
+One thread owns the LLMEngine and runs its loop: take new requests and aborts from a queue, step,
+hand each output to the asyncio loop of the request's caller. The loop sleeps while there is no
+work. Requests are validated in the caller's thread, so a bad one raises `RequestError` at once.
+Leaving the `async for` early (or a cancelled task) aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput
+from maverick.engine.sampling_params import SamplingParams
+from maverick.engine.sequence import Prompt, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served."""
+
+
+@dataclass
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._new: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._requests: dict[str, _Request] = {}
+        self._stop = False
+        self._error: BaseException | None = None
+        self._tokens_window: list[tuple[float, int]] = []  # (time, tokens) of recent steps
+        self._stats = self.engine.stats()
+        self._thread = threading.Thread(target=self._run, name="maverick-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self._check_alive()
+        seq = self.engine.make_sequence(request_id, prompt, params)  # raises RequestError
+        loop = asyncio.get_running_loop()
+        req = _Request(loop, asyncio.Queue())
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self._requests[request_id] = req
+            self._new.append(seq)
+            self._wake.notify()
+        finished = False
+        try:
+            while not finished:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed on the engine thread's next turn (at once if idle)."""
+        with self._lock:
+            self._aborts.append(request_id)
+            self._wake.notify()
+
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def stats(self) -> dict[str, float]:
+        """Counters of the last step (running, waiting, KV blocks, prefix-cache hit rate, tokens/s)."""
+        with self._lock:
+            return dict(self._stats)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if not self.healthy():
+            raise EngineDeadError(f"the engine is not running: {self._error!r}")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._stop or self._new or self._aborts or self.engine.has_unfinished()):
+                        self._wake.wait()
+                    if self._stop:
+                        break
+                    new, self._new = self._new, []
+                    aborts, self._aborts = self._aborts, []
+                outputs: list[RequestOutput] = []
+                for seq in new:
+                    try:
+                        self.engine.add_sequence(seq)
+                    except RequestError as e:
+                        self._deliver(seq.request_id, e)
+                for request_id in aborts:
+                    if (out := self.engine.abort(request_id)) is not None:
+                        outputs.append(out)
+                if self.engine.has_unfinished():
+                    outputs += self.engine.step()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+                self._update_stats(outputs)
+        except BaseException as e:  # noqa: BLE001 - report to every waiting caller, then stop
+            log.exception("engine thread died")
+            self._error = e
+        finally:
+            self._fail_all(
+                EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "shut down")
+            )
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return
+            if isinstance(item, BaseException) or item.finished:
+                del self._requests[request_id]
+        req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            requests, self._requests = self._requests, {}
+        for req in requests.values():
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
+
+    def _update_stats(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        self._tokens_window.append((now, sum(len(o.token_ids) for o in outputs)))
+        self._tokens_window = [(t, n) for t, n in self._tokens_window if now - t <= 5.0]
+        span = now - self._tokens_window[0][0]
+        stats = self.engine.stats()
+        stats["generation_tokens_per_s"] = sum(n for _, n in self._tokens_window) / span if span > 0 else 0.0
+        with self._lock:
+            self._stats = stats

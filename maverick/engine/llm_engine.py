@@ -1,0 +1,296 @@
+"""The synchronous engine: add requests, step, get outputs. One thread drives it (see async_engine).
+
+A step schedules a batch (continuous batching over the paged cache), runs the model once,
+samples for the sequences that reached their last token, and turns each new token into an output
+with its text delta, after stop tokens, stop strings, max_tokens and the context limit are checked.
+An exception in the model fails the requests of that batch, with the message, and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from maverick.engine.stop import StopStringMatcher
+
+from maverick.checkpoint import ExpertMode, load_model
+from maverick.engine.block_manager import BlockManager
+from maverick.engine.model_runner import ModelRunner
+from maverick.engine.sampler import SamplingState, sample
+from maverick.engine.sampling_params import SamplingParams
+from maverick.engine.scheduler import Scheduler, SchedulerConfig
+from maverick.engine.sequence import FinishReason, Prompt, Sequence
+from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request the engine refuses, with a message for the user."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    experts: ExpertMode = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
+            raise ValueError("block_size and num_kv_blocks must be positive")
+
+
+@dataclass
+class RequestOutput:
+    """One streamed update of a request. `text` and `token_ids` are deltas since the last update."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    num_cached_tokens: int = 0
+    logprobs: list[float] | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # monotonic time of each new token
+
+
+@dataclass
+class _Stream:
+    """Text-side state of one request: detokenizer context and stop-string matcher."""
+
+    matcher: StopStringMatcher | None
+    emitted_ids: int = 0  # output ids already turned into text
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = load_model(
+            config.model_dir, dtype=_DTYPES[config.dtype], device=self.device, experts=config.experts
+        )
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        mcfg = self.model.config
+        num_blocks = config.num_kv_blocks or max(
+            1, config.kv_cache_bytes // ModelRunner.kv_bytes_per_block(self.model, config.block_size)
+        )
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
+        )
+        self.max_model_len = min(
+            config.max_model_len or mcfg.text.max_position_embeddings, mcfg.text.max_position_embeddings
+        )
+        self.vocab_size = mcfg.text.vocab_size
+        self.eos_ids = frozenset(self.tokenizer.stop_ids) | frozenset(mcfg.text.eos_token_ids)
+        self.seqs: dict[str, Sequence] = {}
+        self.streams: dict[str, _Stream] = {}
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, **kwargs) -> LLMEngine:
+        return cls(EngineConfig(model_dir=str(model_dir), **kwargs))
+
+    # -- requests --------------------------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Sequence:
+        """Validate a request and build its sequence. Thread-safe: touches no engine state."""
+        ids = prompt.token_ids
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; this model serves at most {self.max_model_len - 1} "
+                f"prompt tokens (max_model_len {self.max_model_len}, one left to generate)"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + 1 > capacity:
+            raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds {capacity} in all")
+        vcfg = self.model.config.vision
+        for i, image in enumerate(prompt.images):
+            shape = tuple(image.pixel_values.shape)
+            if len(shape) != 4 or shape[1:] != (3, vcfg.image_size, vcfg.image_size):
+                raise RequestError(
+                    f"image {i}: pixel values must be [tiles, 3, {vcfg.image_size}, {vcfg.image_size}]"
+                )
+        output_ids: list[int] = []  # shared by the sequence and its sampling state
+        try:
+            state = SamplingState.create(
+                params,
+                ids,
+                eos_token_ids=self.eos_ids,
+                vocab_size=self.vocab_size,
+                device=self.device,
+                output_token_ids=output_ids,
+            )
+            return Sequence(
+                request_id=request_id,
+                prompt_token_ids=list(ids),
+                images=tuple(prompt.images),
+                params=params,
+                sampling=state,
+                patch_token_id=self.model.config.image_token_id,
+                tokens_per_tile=vcfg.tokens_per_tile,
+                output_token_ids=output_ids,
+            )
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:
+            raise RequestError(f"request id {seq.request_id!r} is already running")
+        self.seqs[seq.request_id] = seq
+        matcher = (
+            StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output)
+            if seq.params.stop
+            else None
+        )
+        self.streams[seq.request_id] = _Stream(matcher)
+        self.scheduler.add(seq)
+        self.num_prompt_tokens += seq.num_prompt_tokens
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, params))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now and free its blocks. None if it is unknown or already finished."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._finish_output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        outputs = [self._finish_output(s, [], self._flush(s)) for s in sched.out_of_memory]
+        if sched.is_empty:
+            return outputs
+        try:
+            logits, sample_seqs = self.runner.execute(sched)
+            for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+                seq.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(seq)
+            sampled = sample(logits, [s.sampling for s in sample_seqs])
+        except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
+            log.exception("engine step failed")
+            for seq in list(sched.seqs):
+                self.scheduler.finish(seq, FinishReason.ERROR)
+                seq.error = f"engine step failed: {type(e).__name__}: {e}"
+                outputs.append(self._finish_output(seq, [], ""))
+            return outputs
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(sample_seqs, sampled.token_ids, strict=True)):
+            outputs.append(self._append_token(seq, token, sampled.logprobs[i], now))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None, now: float) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        seq.token_times.append(now)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        self.num_generated_tokens += 1
+        p = seq.params
+        reason = None
+        if token in seq.sampling.stop_ids:  # the sampler masks them until min_tokens
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        text = self._detokenize(seq, final=reason is not None)
+        stream = self.streams[seq.request_id]
+        if stream.matcher is not None:
+            text, stopped, _ = stream.matcher.feed(text)
+            if stopped:
+                reason = FinishReason.STOP
+            elif reason is not None:
+                text += stream.matcher.flush()
+        logprobs = [logprob] if p.logprobs else None
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            return self._finish_output(seq, [token], text, logprobs)
+        return self._output(seq, [token], text, logprobs, finished=False)
+
+    # -- text --------------------------------------------------------------------------------------
+    def _detokenize(self, seq: Sequence, final: bool) -> str:
+        stream = self.streams[seq.request_id]
+        out = seq.output_token_ids
+        start = stream.emitted_ids
+        window = out[max(0, start - MIN_CONTEXT_TOKENS) :]
+        stream.emitted_ids = len(out)
+        return self.tokenizer.detokenize_incrementally(window, len(out) - start, final=final)
+
+    def _flush(self, seq: Sequence) -> str:
+        """Text still held back when a request ends without a new token."""
+        stream = self.streams.get(seq.request_id)
+        if stream is None:
+            return ""
+        text = self._detokenize(seq, final=True)
+        if stream.matcher is not None:
+            text, _, _ = stream.matcher.feed(text)
+            text += stream.matcher.flush()
+        return text
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def _output(self, seq, token_ids, text, logprobs=None, finished=False) -> RequestOutput:
+        new_times = seq.token_times[-len(token_ids) :] if token_ids else []
+        return RequestOutput(
+            request_id=seq.request_id,
+            token_ids=token_ids,
+            text=text,
+            finished=finished,
+            finish_reason=seq.finish_reason.value if finished and seq.finish_reason else None,
+            error=seq.error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=logprobs,
+            arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time,
+            token_times=new_times,
+        )
+
+    def _finish_output(self, seq, token_ids, text, logprobs=None) -> RequestOutput:
+        self.seqs.pop(seq.request_id, None)
+        self.streams.pop(seq.request_id, None)
+        return self._output(seq, token_ids, text, logprobs, finished=True)
+
+    # -- introspection -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "prefix_cache_hit_rate": bm.prefix_hit_rate,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "generated_tokens_total": self.num_generated_tokens,
+        }

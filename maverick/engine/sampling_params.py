@@ -1,0 +1,137 @@
+"""How one request wants its tokens chosen and when it ends: `SamplingParams`, validated once.
+
+Every field is checked in `__post_init__`; a value out of range or of the wrong type raises
+`SamplingParamsError` naming the parameter, the value and what is allowed. Nothing is clamped or
+dropped. The few normalisations are spelled out: lists become tuples, a lone stop string becomes a
+one-element tuple, numpy scalars become Python numbers, and `top_k=-1` (vLLM's "off") becomes 0.
+
+Semantics follow vLLM / the OpenAI API; the sampler (`sampler.py`) applies them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MAX_TOKENS = 1024
+MAX_STOP_STRINGS = 16
+MAX_SEED = 2**64  # exclusive: a seed is an unsigned 64-bit integer, as torch.Generator.manual_seed takes
+PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, as the OpenAI API
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is invalid; the message names it, its value and the allowed range."""
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass but never a count; numpy integers register as numbers.Integral
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _fail(name: str, v: Any, allowed: str) -> SamplingParamsError:
+    return SamplingParamsError(f"{name} must be {allowed}, got {v!r}")
+
+
+def _int(name: str, v: Any, lo: int, hi: int | None = None, note: str = "") -> int:
+    """v as an int in [lo, hi] (hi None: no upper bound)."""
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+    if not _is_int(v) or not (lo <= v and (hi is None or v <= hi)):
+        raise _fail(name, v, allowed + note)
+    return int(v)
+
+
+def _float(name: str, v: Any, lo: float, hi: float | None, *, lo_open: bool = False, note: str = "") -> float:
+    """v as a finite float in [lo, hi] ((lo, hi] when lo_open; hi None: no upper bound)."""
+    above = f"> {lo:g}" if lo_open else f">= {lo:g}"
+    allowed = (
+        f"a finite number {above}" if hi is None else f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    )
+    x = math.nan
+    if isinstance(v, numbers.Real) and not isinstance(v, bool):
+        try:
+            x = float(v)
+        except OverflowError:  # an int too large for a float
+            pass
+    in_range = (x > lo if lo_open else x >= lo) and (hi is None or x <= hi)
+    if not math.isfinite(x) or not in_range:
+        raise _fail(name, v, allowed + note)
+    return x
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = DEFAULT_MAX_TOKENS  # output tokens at most, >= 1
+    min_tokens: int = 0  # stop tokens are masked until this many output tokens exist; <= max_tokens
+    temperature: float = 1.0  # >= 0; 0 = greedy (argmax)
+    top_p: float = 1.0  # in (0, 1]: keep the smallest top set whose probability reaches top_p
+    top_k: int = 0  # >= 0; 0 = off (-1 is accepted as "off" and stored as 0)
+    min_p: float = 0.0  # in [0, 1]: drop tokens with prob < min_p * (top token's prob)
+    seed: int | None = None  # in [0, 2**64): the request draws only from its own generator
+    repetition_penalty: float = 1.0  # > 0; over prompt and output tokens (CTRL / HF style)
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once per token present in the output
+    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted once per occurrence in the output
+    stop: tuple[str, ...] = ()  # non-empty strings, at most 16; output ends before the first one
+    stop_token_ids: tuple[int, ...] = ()  # token ids >= 0 that end the request, besides EOS
+    ignore_eos: bool = False  # the model's EOS tokens do not end the request
+    include_stop_str_in_output: bool = False  # the matched stop string is part of the output text
+    logprobs: bool = False  # return the log-probability of each chosen token
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        n = _int("max_tokens", self.max_tokens, 1)
+        set_("max_tokens", n)
+        set_("min_tokens", _int("min_tokens", self.min_tokens, 0, n, note=" (at most max_tokens)"))
+        set_("temperature", _float("temperature", self.temperature, 0.0, None, note=" (0 = greedy)"))
+        set_("top_p", _float("top_p", self.top_p, 0.0, 1.0, lo_open=True))
+        set_("top_k", max(_int("top_k", self.top_k, -1, note=" (0 or -1 = off)"), 0))
+        set_("min_p", _float("min_p", self.min_p, 0.0, 1.0))
+        if self.seed is not None:
+            set_("seed", _int("seed", self.seed, 0, MAX_SEED - 1, note=" or null"))
+        rep = _float(
+            "repetition_penalty", self.repetition_penalty, 0.0, None, lo_open=True, note=" (1 = off)"
+        )
+        set_("repetition_penalty", rep)
+        for name in ("presence_penalty", "frequency_penalty"):
+            set_(name, _float(name, getattr(self, name), *PENALTY_RANGE, note=" (0 = off)"))
+        set_("stop", self._stop_strings(self.stop))
+        set_("stop_token_ids", self._stop_token_ids(self.stop_token_ids))
+        for name in ("ignore_eos", "include_stop_str_in_output", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, getattr(self, name), "true or false")
+
+    @staticmethod
+    def _stop_strings(stop: Any) -> tuple[str, ...]:
+        if isinstance(stop, str):  # the OpenAI API allows one string for a one-element list
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)):
+            raise _fail("stop", stop, "a list of strings")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise _fail("stop", stop, "a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise _fail("stop", stop, f"a list of at most {MAX_STOP_STRINGS} strings")
+        return tuple(stop)
+
+    @staticmethod
+    def _stop_token_ids(ids: Any) -> tuple[int, ...]:
+        if not isinstance(ids, (list, tuple)):
+            raise _fail("stop_token_ids", ids, "a list of token ids (integers >= 0)")
+        for t in ids:
+            if not _is_int(t) or t < 0:
+                raise _fail("stop_token_ids", ids, "a list of token ids (integers >= 0)")
+        return tuple(int(t) for t in ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding: no randomness, so top_k / top_p / min_p / seed have no effect."""
+        return self.temperature == 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise if a stop token id cannot be a token of a vocabulary of this size."""
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                f"stop_token_ids must be in [0, {vocab_size}) (the model's vocabulary), got {bad!r}"
+            )

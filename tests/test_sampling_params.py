@@ -1,0 +1,135 @@
+"""SamplingParams: defaults, normalisation, and one clear error per invalid value (never a clamp)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from maverick.engine.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, SamplingParamsError
+
+
+def test_defaults():
+    p = SamplingParams()
+    assert p.max_tokens == DEFAULT_MAX_TOKENS == 1024
+    assert (p.min_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0, 1.0, 1.0, 0, 0.0, None)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert (p.stop, p.stop_token_ids) == ((), ())
+    assert (p.ignore_eos, p.include_stop_str_in_output, p.logprobs) == (False, False, False)
+    assert not p.is_greedy
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SamplingParams().temperature = 0.0
+
+
+def test_is_greedy():
+    assert SamplingParams(temperature=0).is_greedy
+    assert SamplingParams(temperature=0.0, seed=3).is_greedy
+    assert not SamplingParams(temperature=1e-3).is_greedy
+
+
+def test_normalisation():
+    p = SamplingParams(
+        stop=["a", "bc"],
+        stop_token_ids=[5, np.int64(7)],
+        top_k=-1,
+        temperature=1,
+        max_tokens=np.int32(5),
+        top_p=np.float32(0.5),
+    )
+    assert p.stop == ("a", "bc") and p.stop_token_ids == (5, 7) and p.top_k == 0
+    assert type(p.temperature) is float and p.temperature == 1.0
+    assert type(p.max_tokens) is int and p.max_tokens == 5
+    assert type(p.top_p) is float and p.top_p == 0.5
+    assert all(type(t) is int for t in p.stop_token_ids)
+    assert SamplingParams(stop="END").stop == ("END",)  # one string, as the OpenAI API allows
+
+
+def test_boundaries_accepted():
+    SamplingParams(max_tokens=1, min_tokens=1)
+    SamplingParams(temperature=0.0, top_p=1.0, min_p=0.0, top_k=0)
+    SamplingParams(top_p=1e-9, min_p=1.0, top_k=1)
+    SamplingParams(seed=0)
+    SamplingParams(seed=2**64 - 1)
+    SamplingParams(repetition_penalty=1e-6, presence_penalty=-2, frequency_penalty=2)
+    SamplingParams(presence_penalty=2.0, frequency_penalty=-2.0)
+    SamplingParams(stop=[str(i) for i in range(16)], stop_token_ids=[0])
+
+
+# (kwargs, the range text the message must contain)
+INVALID = [
+    ({"max_tokens": 0}, ">= 1"),
+    ({"max_tokens": -5}, ">= 1"),
+    ({"max_tokens": True}, ">= 1"),
+    ({"max_tokens": 1.0}, ">= 1"),
+    ({"max_tokens": "16"}, ">= 1"),
+    ({"max_tokens": None}, ">= 1"),
+    ({"min_tokens": -1}, "[0, 1024]"),
+    ({"min_tokens": 5, "max_tokens": 4}, "[0, 4]"),
+    ({"min_tokens": 2.0}, "[0, 1024]"),
+    ({"temperature": -0.1}, ">= 0"),
+    ({"temperature": math.nan}, ">= 0"),
+    ({"temperature": math.inf}, ">= 0"),
+    ({"temperature": "0.7"}, ">= 0"),
+    ({"temperature": False}, ">= 0"),
+    ({"temperature": 10**400}, ">= 0"),
+    ({"top_p": 0.0}, "(0, 1]"),
+    ({"top_p": 1.5}, "(0, 1]"),
+    ({"top_p": -0.5}, "(0, 1]"),
+    ({"top_p": math.nan}, "(0, 1]"),
+    ({"top_k": -2}, ">= -1"),
+    ({"top_k": 2.5}, ">= -1"),
+    ({"top_k": True}, ">= -1"),
+    ({"min_p": -0.1}, "[0, 1]"),
+    ({"min_p": 1.01}, "[0, 1]"),
+    ({"min_p": math.nan}, "[0, 1]"),
+    ({"seed": -1}, f"[0, {2**64 - 1}]"),
+    ({"seed": 2**64}, f"[0, {2**64 - 1}]"),
+    ({"seed": 1.0}, f"[0, {2**64 - 1}]"),
+    ({"seed": "42"}, f"[0, {2**64 - 1}]"),
+    ({"seed": True}, f"[0, {2**64 - 1}]"),
+    ({"repetition_penalty": 0.0}, "> 0"),
+    ({"repetition_penalty": -1.0}, "> 0"),
+    ({"repetition_penalty": math.inf}, "> 0"),
+    ({"presence_penalty": 2.01}, "[-2, 2]"),
+    ({"presence_penalty": -2.5}, "[-2, 2]"),
+    ({"presence_penalty": math.nan}, "[-2, 2]"),
+    ({"frequency_penalty": 3}, "[-2, 2]"),
+    ({"frequency_penalty": -2.0001}, "[-2, 2]"),
+    ({"stop": [""]}, "non-empty strings"),
+    ({"stop": ["a", 3]}, "non-empty strings"),
+    ({"stop": [str(i) for i in range(17)]}, "at most 16"),
+    ({"stop": 5}, "a list of strings"),
+    ({"stop": None}, "a list of strings"),
+    ({"stop": {"a"}}, "a list of strings"),
+    ({"stop_token_ids": [-1]}, "integers >= 0"),
+    ({"stop_token_ids": [1, True]}, "integers >= 0"),
+    ({"stop_token_ids": [1.0]}, "integers >= 0"),
+    ({"stop_token_ids": 7}, "integers >= 0"),
+    ({"ignore_eos": 1}, "true or false"),
+    ({"ignore_eos": "yes"}, "true or false"),
+    ({"include_stop_str_in_output": None}, "true or false"),
+    ({"logprobs": 1}, "true or false"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "allowed"), INVALID, ids=[repr(k)[:60] for k, _ in INVALID])
+def test_invalid(kwargs, allowed):
+    name = [k for k in kwargs if k != "max_tokens"][-1] if len(kwargs) > 1 else next(iter(kwargs))
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(**kwargs)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert message.startswith(f"{name} must be "), message
+    assert allowed in message, message
+    assert repr(kwargs[name]) in message, message
+
+
+def test_check_vocab():
+    SamplingParams(stop_token_ids=[0, 99]).check_vocab(100)
+    with pytest.raises(SamplingParamsError, match=r"stop_token_ids must be in \[0, 100\).*\[100\]"):
+        SamplingParams(stop_token_ids=[5, 100]).check_vocab(100)
