@@ -98,7 +98,11 @@ def tile_grids(max_tiles: int) -> list[tuple[int, int]]:
 
 
 def best_grid(
-    height: int, width: int, *, tile_size: int = TILE_SIZE, max_tiles: int = MAX_TILES,
+    height: int,
+    width: int,
+    *,
+    tile_size: int = TILE_SIZE,
+    max_tiles: int = MAX_TILES,
     resize_to_max_canvas: bool = False,
 ) -> tuple[int, int]:
     """(rows, cols) of the canvas an image of height x width is fitted into."""
@@ -121,7 +125,12 @@ def _ratio(num: int, den: int, f32: bool) -> float:
 
 
 def fit_size(
-    height: int, width: int, canvas_h: int, canvas_w: int, *, tile_size: int = TILE_SIZE,
+    height: int,
+    width: int,
+    canvas_h: int,
+    canvas_w: int,
+    *,
+    tile_size: int = TILE_SIZE,
     resize_to_max_canvas: bool = False,
 ) -> tuple[int, int]:
     """The largest (h, w) with the image's aspect ratio inside the canvas; unless resize_to_max_canvas,
@@ -153,7 +162,8 @@ def _native_uint8_bilinear() -> bool:
     # torchvision resizes uint8 natively on CPUs with a vectorised kernel and through float32 (then
     # rounds) elsewhere; the two differ by 1 on some pixels, so we follow the same rule.
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in (
-        "aarch64", "arm64",
+        "aarch64",
+        "arm64",
     )
 
 
@@ -175,7 +185,10 @@ def _normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess(
-    image: Image.Image, *, tile_size: int = TILE_SIZE, max_tiles: int = MAX_TILES,
+    image: Image.Image,
+    *,
+    tile_size: int = TILE_SIZE,
+    max_tiles: int = MAX_TILES,
     resize_to_max_canvas: bool = False,
 ) -> ProcessedImage:
     """Tile and normalise one image for the vision tower."""
@@ -225,13 +238,25 @@ class ImageTokenIds:
     @classmethod
     def llama4(cls) -> ImageTokenIds:
         """The ids in Llama 4's released vocabulary (the tiny checkpoint keeps the same offsets)."""
-        return cls(image_start=200080, image_end=200081, image=200090, patch=200092,
-                   tile_x_sep=200084, tile_y_sep=200085)
+        return cls(
+            image_start=200080,
+            image_end=200081,
+            image=200090,
+            patch=200092,
+            tile_x_sep=200084,
+            tile_y_sep=200085,
+        )
 
     @classmethod
     def from_vocab(cls, vocab: Mapping[str, int]) -> ImageTokenIds:
-        names = dict(image_start="<|image_start|>", image_end="<|image_end|>", image="<|image|>",
-                     patch="<|patch|>", tile_x_sep="<|tile_x_separator|>", tile_y_sep="<|tile_y_separator|>")
+        names = dict(
+            image_start="<|image_start|>",
+            image_end="<|image_end|>",
+            image="<|image|>",
+            patch="<|patch|>",
+            tile_x_sep="<|tile_x_separator|>",
+            tile_y_sep="<|tile_y_separator|>",
+        )
         missing = [token for token in names.values() if token not in vocab]
         if missing:
             raise ValueError(f"vocabulary lacks the image tokens {missing}")
@@ -259,7 +284,9 @@ def image_prompt_ids(
 
 
 def expand_image_placeholders(
-    prompt_ids: Sequence[int], aspect_ratios: Sequence[tuple[int, int]], ids: ImageTokenIds,
+    prompt_ids: Sequence[int],
+    aspect_ratios: Sequence[tuple[int, int]],
+    ids: ImageTokenIds,
     tokens_per_tile: int = TOKENS_PER_TILE,
 ) -> list[int]:
     """Replace each <|image|> placeholder, in order, with the layout of the matching image."""
@@ -303,4 +330,3 @@ def image_processor_config() -> dict:
         "return_tensors": None,
         "size": {"height": TILE_SIZE, "width": TILE_SIZE},
     }
-

@@ -83,15 +83,28 @@ def llama4_special_tokens() -> list[str]:
 
     basic = [BOS, EOS, "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]  # +0 .. +4
     text = [  # +5 .. +79; the text_post_train numbering skips 6 and 7 in the release
-        "<|header_start|>", "<|header_end|>", "<|eom|>", EOT, "<|step|>",
+        "<|header_start|>",
+        "<|header_end|>",
+        "<|eom|>",
+        EOT,
+        "<|step|>",
         *reserved("text_post_train", 0, 6),
-        "<|python_start|>", "<|python_end|>", PAD,
+        "<|python_start|>",
+        "<|python_end|>",
+        PAD,
         *reserved("text_post_train", 8, 61),
     ]
     vision = [  # +80 .. +1133
-        "<|image_start|>", "<|image_end|>", *reserved("vision", 0, 2),
-        "<|tile_x_separator|>", "<|tile_y_separator|>", *reserved("vision", 2, 4),
-        "<|image|>", *reserved("vision", 6, 1), "<|patch|>", *reserved("vision", 7, 1041),
+        "<|image_start|>",
+        "<|image_end|>",
+        *reserved("vision", 0, 2),
+        "<|tile_x_separator|>",
+        "<|tile_y_separator|>",
+        *reserved("vision", 2, 4),
+        "<|image|>",
+        *reserved("vision", 6, 1),
+        "<|patch|>",
+        *reserved("vision", 7, 1041),
     ]
     reasoning = [*reserved("reasoning", 0, 8), "<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
     named = basic + text + vision + reasoning  # +1134 .. +1143 for reasoning
@@ -99,10 +112,12 @@ def llama4_special_tokens() -> list[str]:
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def train_bpe(text: str, base_vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -114,11 +129,16 @@ def train_bpe(text: str, base_vocab_size: int) -> tuple[dict[str, int], list[tup
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = _pre_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=base_vocab_size, min_frequency=0, show_progress=False, initial_alphabet=symbols,
+        vocab_size=base_vocab_size,
+        min_frequency=0,
+        show_progress=False,
+        initial_alphabet=symbols,
     )
     tok.train_from_iterator([text], trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in
-              json.loads(tok.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+        for m in json.loads(tok.to_str())["model"]["merges"]
+    ]
     if len(merges) != base_vocab_size - 256:
         raise ValueError(
             f"{CORPUS.name} yields {256 + len(merges)} ranks, fewer than base_vocab_size={base_vocab_size}"
@@ -135,25 +155,36 @@ def build_tokenizer(base_vocab_size: int = 2000) -> Tokenizer:
     """The `tokenizers` object of tokenizer.json: BPE + Llama 4 split + specials + BOS post-processor."""
     vocab, merges = train_bpe(CORPUS.read_text(encoding="utf-8"), base_vocab_size)
     # ignore_merges: a pre-token that is itself in the vocabulary is one token, as tiktoken does.
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                               ignore_merges=True))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=True)
+    )
     tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in llama4_special_tokens()])
     # As the release: `tokenizer(text)` prepends <|begin_of_text|>; the chat template writes its own
     # BOS and transformers renders chats with add_special_tokens=False, so chats get exactly one.
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, base_vocab_size)],
-        ),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A",
+                pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+                special_tokens=[(BOS, base_vocab_size)],
+            ),
+        ]
+    )
     return tok
 
 
 def _added(token: str) -> dict:
-    return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
+    return {
+        "content": token,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def write_tokenizer(
@@ -180,18 +211,23 @@ def write_tokenizer(
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     _write_json(out / "tokenizer_config.json", config)
-    _write_json(out / "special_tokens_map.json", {k: _added(config[k]) for k in ("bos_token", "eos_token",
-                                                                                  "pad_token")})
+    _write_json(
+        out / "special_tokens_map.json",
+        {k: _added(config[k]) for k in ("bos_token", "eos_token", "pad_token")},
+    )
     # The processor reads its chat template from chat_template.json; without it Llama4Processor
     # would fall back to the template built into transformers.
     _write_json(out / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-    _write_json(out / "processor_config.json", {
-        "fake_image_token": "<|image|>",
-        "image_token": "<|image|>",
-        "patch_size": 14,
-        "pixel_shuffle_ratio": 0.5,
-        "processor_class": "Llama4Processor",
-    })
+    _write_json(
+        out / "processor_config.json",
+        {
+            "fake_image_token": "<|image|>",
+            "image_token": "<|image|>",
+            "patch_size": 14,
+            "pixel_shuffle_ratio": 0.5,
+            "processor_class": "Llama4Processor",
+        },
+    )
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -211,8 +211,10 @@ def _role_of(message: object, n: int) -> str:
     role = message.get("role")
     role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
-        raise ValueError(f"messages[{n}]: unknown role {message.get('role')!r} (expected one of "
-                         f"{', '.join(ROLES + tuple(ROLE_ALIASES))})")
+        raise ValueError(
+            f"messages[{n}]: unknown role {message.get('role')!r} (expected one of "
+            f"{', '.join(ROLES + tuple(ROLE_ALIASES))})"
+        )
     return role
 
 

@@ -36,7 +36,7 @@ class PagedDriver:
     def step(self, items: list[tuple[str, list[int], torch.Tensor | None]]) -> list[torch.Tensor]:
         """items: (seq id, new token ids, image embedding rows for their <|patch|> tokens or None).
         Returns, per item, the fp32 logits [len(new ids), vocab] of its new tokens."""
-        ids, positions, slots, tables, qlens, slens, images = [], [], [], [], [], [], []
+        ids, positions, slots, tables, qlens, slens, images, mask = [], [], [], [], [], [], [], []
         for sid, new, img in items:
             start = self.lens.get(sid, 0)
             blocks = self.blocks.setdefault(sid, [])
@@ -50,6 +50,8 @@ class PagedDriver:
             tables.append(blocks)
             qlens.append(len(new))
             slens.append(self.lens[sid])
+            # Only the prompt's patches are image positions: items that carry image rows.
+            mask += [img is not None and t == self.model.config.image_token_id for t in new]
             if img is not None:
                 images.append(img)
         width = max(len(t) for t in tables)
@@ -69,6 +71,7 @@ class PagedDriver:
             meta,
             self.kv_caches,
             torch.cat(images) if images else None,
+            torch.tensor(mask, device=self.device) if images else None,
         )
         logits = self.model.compute_logits(hidden)
         return list(logits.split(qlens))

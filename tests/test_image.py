@@ -180,8 +180,19 @@ def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"), ("P", "PNG"),
-                                      ("RGB", "JPEG"), ("RGBA", "WEBP"), ("P", "GIF"), ("RGB", "BMP")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [
+        ("RGB", "PNG"),
+        ("RGBA", "PNG"),
+        ("L", "PNG"),
+        ("P", "PNG"),
+        ("RGB", "JPEG"),
+        ("RGBA", "WEBP"),
+        ("P", "GIF"),
+        ("RGB", "BMP"),
+    ],
+)
 def test_load_image_equals_transformers_load_image(mode, fmt):
     data = encode(make_image(40, 60, mode), fmt)
     ours = load_image(data)
@@ -218,15 +229,18 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "empty"),
-    (b"hello, this is text and not a picture", "not an image"),
-    (b"%PDF-1.4\n" + b"\0" * 100, "not an image"),
-    (png_header(0, 5), "not an image"),  # Pillow refuses zero-size headers as unidentifiable
-    (png_header(100_000, 100_000), "limit"),  # past twice Pillow's limit: its DecompressionBombError
-    (png_header(10_000, 10_000), "limit"),  # past Pillow's limit: its DecompressionBombWarning
-    (png_header(9_000, 9_000), "9000x9000 = 81000000 pixels"),  # under Pillow's, over ours
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty"),
+        (b"hello, this is text and not a picture", "not an image"),
+        (b"%PDF-1.4\n" + b"\0" * 100, "not an image"),
+        (png_header(0, 5), "not an image"),  # Pillow refuses zero-size headers as unidentifiable
+        (png_header(100_000, 100_000), "limit"),  # past twice Pillow's limit: its DecompressionBombError
+        (png_header(10_000, 10_000), "limit"),  # past Pillow's limit: its DecompressionBombWarning
+        (png_header(9_000, 9_000), "9000x9000 = 81000000 pixels"),  # under Pillow's, over ours
+    ],
+)
 def test_bad_images_are_clear_errors(data, message):
     with pytest.raises(ImageError, match=message):
         load_image(data)
@@ -279,7 +293,13 @@ def test_expand_placeholders():
 def test_llama4_ids_are_the_release_offsets():
     ids = ImageTokenIds.llama4()
     assert (ids.image_start, ids.image_end, ids.tile_x_sep, ids.tile_y_sep, ids.image, ids.patch) == (
-        200080, 200081, 200084, 200085, 200090, 200092)
+        200080,
+        200081,
+        200084,
+        200085,
+        200090,
+        200092,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -297,14 +317,17 @@ def processor(tmp_path_factory):
 def test_prompt_equals_processor(processor, sizes):
     images = [make_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What differs here?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
     ref = processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
 
     ids = ImageTokenIds.from_vocab(processor.tokenizer.get_vocab())
     base = 2000  # the tiny vocabulary's specials start at base_vocab_size, at the release's offsets
-    assert ids == replace(ImageTokenIds.llama4(), **{
-        f: getattr(ImageTokenIds.llama4(), f) - 200_000 + base for f in ids.__dataclass_fields__})
+    assert ids == replace(
+        ImageTokenIds.llama4(),
+        **{f: getattr(ImageTokenIds.llama4(), f) - 200_000 + base for f in ids.__dataclass_fields__},
+    )
     prompt = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     processed = [preprocess(image) for image in images]
     ours = expand_image_placeholders(prompt, [p.aspect_ratio for p in processed], ids)

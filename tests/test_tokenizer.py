@@ -16,10 +16,19 @@ from maverick.tokenizer import MIN_CONTEXT_TOKENS, IncrementalDetokenizer, Token
 BASE = 2000
 EMOJI = [0xF0, 0x9F, 0x99, 0x82]  # 🙂 as single-byte tokens: ids 0..255 are the bytes in byte order
 PREPROCESSOR = {
-    "image_processor_type": "Llama4ImageProcessorFast", "processor_class": "Llama4Processor",
-    "size": {"height": 336, "width": 336}, "max_patches": 16, "resize_to_max_canvas": False,
-    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_normalize": True, "do_rescale": True,
-    "rescale_factor": 1 / 255, "do_convert_rgb": True, "do_resize": True, "resample": 2,
+    "image_processor_type": "Llama4ImageProcessorFast",
+    "processor_class": "Llama4Processor",
+    "size": {"height": 336, "width": 336},
+    "max_patches": 16,
+    "resize_to_max_canvas": False,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_normalize": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "resample": 2,
 }
 TEXTS = [
     "Hello, world!",
@@ -64,17 +73,37 @@ def test_special_tokens_at_llama4_offsets(tok, hf_tok):
     names = llama4_special_tokens()
     assert len(names) == len(set(names)) == 2048
     expected = {
-        0: "<|begin_of_text|>", 1: "<|end_of_text|>", 2: "<|fim_prefix|>", 3: "<|fim_middle|>",
-        4: "<|fim_suffix|>", 5: "<|header_start|>", 6: "<|header_end|>", 7: "<|eom|>", 8: "<|eot|>",
-        9: "<|step|>", 10: "<|text_post_train_reserved_special_token_0|>",
-        15: "<|text_post_train_reserved_special_token_5|>", 16: "<|python_start|>", 17: "<|python_end|>",
-        18: "<|finetune_right_pad|>", 19: "<|text_post_train_reserved_special_token_8|>",
-        79: "<|text_post_train_reserved_special_token_68|>", 80: "<|image_start|>", 81: "<|image_end|>",
-        82: "<|vision_reserved_special_token_0|>", 84: "<|tile_x_separator|>", 85: "<|tile_y_separator|>",
-        90: "<|image|>", 91: "<|vision_reserved_special_token_6|>", 92: "<|patch|>",
-        93: "<|vision_reserved_special_token_7|>", 1133: "<|vision_reserved_special_token_1047|>",
-        1134: "<|reasoning_reserved_special_token_0|>", 1142: "<|reasoning_thinking_start|>",
-        1143: "<|reasoning_thinking_end|>", 1144: "<|reserved_special_token_0|>",
+        0: "<|begin_of_text|>",
+        1: "<|end_of_text|>",
+        2: "<|fim_prefix|>",
+        3: "<|fim_middle|>",
+        4: "<|fim_suffix|>",
+        5: "<|header_start|>",
+        6: "<|header_end|>",
+        7: "<|eom|>",
+        8: "<|eot|>",
+        9: "<|step|>",
+        10: "<|text_post_train_reserved_special_token_0|>",
+        15: "<|text_post_train_reserved_special_token_5|>",
+        16: "<|python_start|>",
+        17: "<|python_end|>",
+        18: "<|finetune_right_pad|>",
+        19: "<|text_post_train_reserved_special_token_8|>",
+        79: "<|text_post_train_reserved_special_token_68|>",
+        80: "<|image_start|>",
+        81: "<|image_end|>",
+        82: "<|vision_reserved_special_token_0|>",
+        84: "<|tile_x_separator|>",
+        85: "<|tile_y_separator|>",
+        90: "<|image|>",
+        91: "<|vision_reserved_special_token_6|>",
+        92: "<|patch|>",
+        93: "<|vision_reserved_special_token_7|>",
+        1133: "<|vision_reserved_special_token_1047|>",
+        1134: "<|reasoning_reserved_special_token_0|>",
+        1142: "<|reasoning_thinking_start|>",
+        1143: "<|reasoning_thinking_end|>",
+        1144: "<|reserved_special_token_0|>",
         2047: "<|reserved_special_token_903|>",
     }
     for offset, name in expected.items():
@@ -85,8 +114,11 @@ def test_special_tokens_at_llama4_offsets(tok, hf_tok):
     assert tok.stop_ids == (2001, 2007, 2008)
     assert (tok.image_start_id, tok.image_end_id, tok.image_id, tok.patch_id) == (2080, 2081, 2090, 2092)
     assert (tok.tile_x_separator_id, tok.tile_y_separator_id) == (2084, 2085)
-    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|begin_of_text|>", "<|eot|>",
-                                                                      "<|finetune_right_pad|>")
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == (
+        "<|begin_of_text|>",
+        "<|eot|>",
+        "<|finetune_right_pad|>",
+    )
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.token_id("<|no_such_token|>")
 
@@ -94,7 +126,8 @@ def test_special_tokens_at_llama4_offsets(tok, hf_tok):
 def test_vocab_is_bytes_then_merges_then_specials(tok, hf_tok, tok_dir):
     assert tok.vocab_size == len(hf_tok) == BASE + 2048
     assert [tok.decode([b]).encode("utf-8", "surrogateescape") for b in range(0x20, 0x7F)] == [
-        bytes([b]) for b in range(0x20, 0x7F)]
+        bytes([b]) for b in range(0x20, 0x7F)
+    ]
     model = json.loads((tok_dir / "tokenizer.json").read_text())["model"]
     assert model["type"] == "BPE" and model["ignore_merges"] is True
     assert len(model["merges"]) == BASE - 256
@@ -104,8 +137,13 @@ def test_vocab_is_bytes_then_merges_then_specials(tok, hf_tok, tok_dir):
 
 def test_write_tokenizer_is_deterministic(tok_dir, tmp_path):
     write_tokenizer(tmp_path, base_vocab_size=BASE)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.json",
-              "processor_config.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.json",
+        "processor_config.json",
+    ):
         assert (tmp_path / f).read_bytes() == (tok_dir / f).read_bytes(), f
 
 
@@ -135,8 +173,10 @@ def test_special_token_strings_are_special(tok):
 def test_decode_matches_transformers_on_random_ids(tok, hf_tok):
     rng = random.Random(1)
     for _ in range(300):
-        ids = [rng.randrange(tok.vocab_size) if rng.random() < 0.1 else rng.randrange(BASE)
-               for _ in range(rng.randrange(30))]
+        ids = [
+            rng.randrange(tok.vocab_size) if rng.random() < 0.1 else rng.randrange(BASE)
+            for _ in range(rng.randrange(30))
+        ]
         assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=False)
         # skipping specials agrees wherever no special token sits inside a split character
         words = [tok.encode(w) for w in rng.choices(TEXTS, k=4)]
@@ -157,24 +197,80 @@ H = "<|header_start|>{}<|header_end|>\n\n"
 BOT, EOT = "<|begin_of_text|>", "<|eot|>"
 CHATS = [
     ([{"role": "user", "content": "Hi!"}], BOT + H.format("user") + "Hi!" + EOT + H.format("assistant")),
-    ([{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": " spaced "}],
-     BOT + H.format("system") + "Be brief." + EOT + H.format("user") + " spaced " + EOT
-     + H.format("assistant")),
-    ([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-      {"role": "user", "content": "and 3+3?"}],
-     BOT + H.format("user") + "2+2?" + EOT + H.format("assistant") + "4" + EOT + H.format("user") + "and 3+3?"
-     + EOT + H.format("assistant")),
-    ([{"role": "user", "content": "weather?"}, {"role": "assistant", "content": '[get_weather(city="Oslo")]'},
-      {"role": "tool", "content": '{"temp": 3}'}, {"role": "ipython", "content": "ok"}],
-     BOT + H.format("user") + "weather?" + EOT + H.format("assistant") + '[get_weather(city="Oslo")]' + EOT
-     + H.format("ipython") + '{"temp": 3}' + EOT + H.format("ipython") + "ok" + EOT + H.format("assistant")),
-    ([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}],
-     BOT + H.format("user") + "<|image|>What is this?<|image|>" + EOT + H.format("assistant")),
-    ([{"role": "system", "content": [{"type": "text", "text": " sys "}, {"type": "text", "text": "tem "}]},
-      {"role": "user", "content": []}],
-     BOT + H.format("system") + "sys tem" + EOT + H.format("user") + EOT + H.format("assistant")),
+    (
+        [{"role": "system", "content": "  Be brief.\n"}, {"role": "user", "content": " spaced "}],
+        BOT
+        + H.format("system")
+        + "Be brief."
+        + EOT
+        + H.format("user")
+        + " spaced "
+        + EOT
+        + H.format("assistant"),
+    ),
+    (
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "and 3+3?"},
+        ],
+        BOT
+        + H.format("user")
+        + "2+2?"
+        + EOT
+        + H.format("assistant")
+        + "4"
+        + EOT
+        + H.format("user")
+        + "and 3+3?"
+        + EOT
+        + H.format("assistant"),
+    ),
+    (
+        [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": '[get_weather(city="Oslo")]'},
+            {"role": "tool", "content": '{"temp": 3}'},
+            {"role": "ipython", "content": "ok"},
+        ],
+        BOT
+        + H.format("user")
+        + "weather?"
+        + EOT
+        + H.format("assistant")
+        + '[get_weather(city="Oslo")]'
+        + EOT
+        + H.format("ipython")
+        + '{"temp": 3}'
+        + EOT
+        + H.format("ipython")
+        + "ok"
+        + EOT
+        + H.format("assistant"),
+    ),
+    (
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                ],
+            }
+        ],
+        BOT + H.format("user") + "<|image|>What is this?<|image|>" + EOT + H.format("assistant"),
+    ),
+    (
+        [
+            {
+                "role": "system",
+                "content": [{"type": "text", "text": " sys "}, {"type": "text", "text": "tem "}],
+            },
+            {"role": "user", "content": []},
+        ],
+        BOT + H.format("system") + "sys tem" + EOT + H.format("user") + EOT + H.format("assistant"),
+    ),
 ]
 
 
@@ -201,41 +297,49 @@ def test_chat_format_by_hand_and_as_transformers(tok, hf_tok, tok_dir, messages,
 
 def test_system_convenience(tok):
     msgs = [{"role": "user", "content": "hi"}]
-    assert tok.render_chat(msgs, system=" S ").text == tok.render_chat(
-        [{"role": "system", "content": "S"}, *msgs]).text
+    assert (
+        tok.render_chat(msgs, system=" S ").text
+        == tok.render_chat([{"role": "system", "content": "S"}, *msgs]).text
+    )
     with pytest.raises(ValueError, match="system"):
         tok.render_chat([{"role": "system", "content": "a"}], system="b")
 
 
-@pytest.mark.parametrize("messages,match", [
-    ([], "non-empty list"),
-    ("hello", "non-empty list"),
-    (["hello"], r"messages\[0\] must be a dict"),
-    ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
-    ([{"content": "x"}], "unknown role None"),
-    ([{"role": "user"}], "has no content"),
-    ([{"role": "user", "content": None}], "has no content"),
-    ([{"role": "user", "content": 5}], "str or a list of parts"),
-    ([{"role": "user", "content": ["text"]}], r"content\[0\] must be a dict"),
-    ([{"role": "user", "content": [{"type": "audio"}]}], "unsupported part type 'audio'"),
-    ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "needs a str 'text', got int"),
-    ([{"role": "user", "content": [{"type": "text"}]}], "needs a str 'text', got NoneType"),
-    ([{"role": "system", "content": [{"type": "image"}]}], "not system"),
-    ([{"role": "tool", "content": [{"type": "image"}]}], "not ipython"),
-    ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}], "tool_calls"),
-])
+@pytest.mark.parametrize(
+    "messages,match",
+    [
+        ([], "non-empty list"),
+        ("hello", "non-empty list"),
+        (["hello"], r"messages\[0\] must be a dict"),
+        ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
+        ([{"content": "x"}], "unknown role None"),
+        ([{"role": "user"}], "has no content"),
+        ([{"role": "user", "content": None}], "has no content"),
+        ([{"role": "user", "content": 5}], "str or a list of parts"),
+        ([{"role": "user", "content": ["text"]}], r"content\[0\] must be a dict"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "unsupported part type 'audio'"),
+        ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "needs a str 'text', got int"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "needs a str 'text', got NoneType"),
+        ([{"role": "system", "content": [{"type": "image"}]}], "not system"),
+        ([{"role": "tool", "content": [{"type": "image"}]}], "not ipython"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}], "tool_calls"),
+    ],
+)
 def test_malformed_messages_raise(tok, hf_tok, messages, match):
     with pytest.raises(ValueError, match=match):
         tok.render_chat(messages)
 
 
-@pytest.mark.parametrize("messages", [
-    [{"role": "robot", "content": "x"}],
-    [{"role": "user"}],
-    [{"role": "user", "content": [{"type": "audio"}]}],
-    [{"role": "system", "content": [{"type": "image"}]}],
-    [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}],
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "robot", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        [{"role": "system", "content": [{"type": "image"}]}],
+        [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}],
+    ],
+)
 def test_template_raises_too(hf_tok, messages):
     from jinja2 import TemplateError
 
@@ -286,7 +390,9 @@ def test_stateless_deltas_concatenate_to_decode(tok, skip):
         deltas, done = [], 0
         while done < len(ids):
             n = min(len(ids), done + rng.randrange(1, 5))
-            window = ids[max(0, done - MIN_CONTEXT_TOKENS - rng.randrange(3)):n]  # new ids + a short context
+            window = ids[
+                max(0, done - MIN_CONTEXT_TOKENS - rng.randrange(3)) : n
+            ]  # new ids + a short context
             deltas.append(tok.detokenize_incrementally(window, n - done, skip, final=n == len(ids)))
             done = n
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip), ids

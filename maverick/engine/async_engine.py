@@ -7,7 +7,9 @@
 One thread owns the LLMEngine and runs its loop: take new requests and aborts from a queue, step,
 hand each output to the asyncio loop of the request's caller. The loop sleeps while there is no
 work. Requests are validated in the caller's thread, so a bad one raises `RequestError` at once.
-Leaving the `async for` early (or a cancelled task) aborts the request and frees its blocks.
+Closing the stream early (`async with contextlib.aclosing(stream)`, or cancelling the task that
+iterates it) aborts the request and frees its blocks at once; a stream merely abandoned is aborted
+when its event loop finalises it or closes.
 """
 
 from __future__ import annotations
@@ -141,13 +143,21 @@ class AsyncEngine:
                 return
             if isinstance(item, BaseException) or item.finished:
                 del self._requests[request_id]
-        req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+        try:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody listens any more
+            with self._lock:
+                if self._requests.pop(request_id, None) is not None:
+                    self._aborts.append(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             requests, self._requests = self._requests, {}
         for req in requests.values():
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
+            try:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
+            except RuntimeError:
+                pass  # that caller's loop is already closed
 
     def _update_stats(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

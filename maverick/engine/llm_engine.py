@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from maverick.engine.stop import StopStringMatcher
 
 from maverick.checkpoint import ExpertMode, load_model
 from maverick.engine.block_manager import BlockManager
@@ -23,6 +22,7 @@ from maverick.engine.sampler import SamplingState, sample
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
 from maverick.engine.sequence import FinishReason, Prompt, Sequence
+from maverick.engine.stop import StopStringMatcher
 from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,8 @@ class LLMEngine:
                 reason = FinishReason.STOP
             elif reason is not None:
                 text += stream.matcher.flush()
+                if stream.matcher.stopped:  # a stop string completed inside the held-back text
+                    reason = FinishReason.STOP
         logprobs = [logprob] if p.logprobs else None
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -24,7 +24,8 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    image_embeds: torch.Tensor | None  # [P, hidden] for the <|patch|> tokens of input_ids, in order
+    image_embeds: torch.Tensor | None  # [P, hidden] for the prompt <|patch|> tokens of input_ids, in order
+    image_mask: torch.Tensor | None  # [T] bool: where those P rows go
     sample_indices: torch.Tensor  # [N]: rows of the flat batch whose logits are sampled
     sample_seqs: list[Sequence]  # the N sequences that reach their last token this step
 
@@ -62,6 +63,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         image_rows: list[torch.Tensor] = []
+        image_mask: list[np.ndarray] = []
         seq_lens: list[int] = []
         self._encode_images(sched)
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
@@ -73,6 +75,7 @@ class ModelRunner:
             slots.append(table[pos // bs] * bs + pos % bs)
             seq_lens.append(end)
             a, b = seq.image_rows(start, end)
+            image_mask.append(seq.image_mask(start, end))
             if b > a:
                 image_rows.append(self._rows(seq, a, b))
             if end == seq.num_tokens:
@@ -95,6 +98,7 @@ class ModelRunner:
             positions=torch.from_numpy(np.concatenate(positions)).to(dev),
             meta=meta,
             image_embeds=torch.cat(image_rows) if image_rows else None,
+            image_mask=torch.from_numpy(np.concatenate(image_mask)).to(dev) if image_rows else None,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=dev),
             sample_seqs=sample_seqs,
         )
@@ -103,7 +107,12 @@ class ModelRunner:
         """Run one step. Returns fp32 logits [N, vocab] for the sequences that sample, and those sequences."""
         inputs = self.prepare(sched)
         hidden = self.model(
-            inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches, inputs.image_embeds
+            inputs.input_ids,
+            inputs.positions,
+            inputs.meta,
+            self.kv_caches,
+            inputs.image_embeds,
+            inputs.image_mask,
         )
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         self._drop_finished_images(sched)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from maverick.engine.sampling_params import SamplingParams
@@ -90,8 +91,8 @@ class Sequence:
     def __post_init__(self) -> None:
         # patch_rank[i] = number of <|patch|> tokens in the prompt before position i (length n + 1),
         # so a chunk [a, b) covers image-embedding rows [patch_rank[a], patch_rank[b]).
-        is_patch = [int(t == self.patch_token_id) for t in self.prompt_token_ids]
-        self.patch_rank = [0, *accumulate(is_patch)]
+        self.prompt_is_patch = np.asarray(self.prompt_token_ids) == self.patch_token_id  # [prompt] bool
+        self.patch_rank = [0, *accumulate(self.prompt_is_patch.tolist())]
         rows = [im.num_tiles * self.tokens_per_tile for im in self.images]
         self.image_row_start = [0, *accumulate(rows)]  # image k owns rows [start[k], start[k + 1])
         if self.patch_rank[-1] != self.image_row_start[-1]:
@@ -133,6 +134,14 @@ class Sequence:
         end_p = min(end, self.num_prompt_tokens)
         start_p = min(start, end_p)
         return self.patch_rank[start_p], self.patch_rank[end_p]
+
+    def image_mask(self, start: int, end: int) -> np.ndarray:
+        """[end - start] bool: which of positions [start, end) are image positions (prompt patches)."""
+        mask = np.zeros(end - start, dtype=bool)
+        stop = min(end, self.num_prompt_tokens)
+        if stop > start:
+            mask[: stop - start] = self.prompt_is_patch[start:stop]
+        return mask
 
     def images_in_rows(self, a: int, b: int) -> list[int]:
         """Indices of the images whose rows overlap [a, b)."""

@@ -18,6 +18,25 @@ import torch.nn.functional as F
 
 
 @dataclass
+class DecodePlan:
+    """Batched keys for the sequences that bring one new token (decodes), padded to the longest."""
+
+    rows: torch.Tensor  # [S_d]: their rows in the flat batch
+    slots: torch.Tensor  # [S_d, K]: cache slots of the keys each may see (padding points at slot 0)
+    mask: torch.Tensor  # [S_d, 1, 1, K] bool: real keys
+
+
+@dataclass
+class PrefillPlan:
+    """One sequence with several new tokens: its keys and its causal (and chunk) mask."""
+
+    start: int  # first row in the flat batch
+    num_tokens: int
+    slots: torch.Tensor  # [K]
+    mask: torch.Tensor  # [n, K] bool
+
+
+@dataclass
 class AttentionMetadata:
     """What every attention layer of one forward step needs. Built once per step by the runner."""
 
@@ -26,9 +45,9 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence (sum = T)
     seq_lens: list[int]  # tokens in the cache per sequence after this step (context + new)
     block_size: int
-    # Per-sequence gather indices and masks, built lazily once per step per chunk size and shared
-    # by all layers (None = full attention).
-    _plans: dict[int | None, list[tuple[torch.Tensor, torch.Tensor]]] = field(
+    # Gather indices and masks, built lazily once per step per chunk size (None = full attention)
+    # and shared by all layers of that kind.
+    _plans: dict[int | None, tuple[DecodePlan | None, list[PrefillPlan]]] = field(
         default_factory=dict, repr=False
     )
 
@@ -36,25 +55,48 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    def plan(self, chunk_size: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """For each sequence: (slots [Lk] of the keys it may see, mask [n, Lk] bool)."""
+    def plan(self, chunk_size: int | None) -> tuple[DecodePlan | None, list[PrefillPlan]]:
         if chunk_size not in self._plans:
-            self._plans[chunk_size] = [self._plan_one(s, chunk_size) for s in range(self.num_seqs)]
+            self._plans[chunk_size] = self._build(chunk_size)
         return self._plans[chunk_size]
 
-    def _plan_one(self, s: int, chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.block_tables.device
-        n, total = self.query_lens[s], self.seq_lens[s]
-        first_q = total - n
-        kv_start = 0 if chunk_size is None else (first_q // chunk_size) * chunk_size
-        key_pos = torch.arange(kv_start, total, device=device)  # [Lk]
-        q_pos = torch.arange(first_q, total, device=device)  # [n]
-        blocks = self.block_tables[s, key_pos // self.block_size].long()
-        slots = blocks * self.block_size + key_pos % self.block_size
-        mask = key_pos[None, :] <= q_pos[:, None]
-        if chunk_size is not None:
-            mask &= (key_pos // chunk_size)[None, :] == (q_pos // chunk_size)[:, None]
-        return slots, mask
+    def _key_window(self, total: int, first_q: int, chunk_size: int | None) -> int:
+        """First key position a sequence's queries may see: its chunk start, or 0."""
+        return 0 if chunk_size is None else (first_q // chunk_size) * chunk_size
+
+    def _build(self, chunk_size: int | None) -> tuple[DecodePlan | None, list[PrefillPlan]]:
+        device, bs = self.block_tables.device, self.block_size
+        decode_idx, decode_rows, prefills = [], [], []
+        row = 0
+        for s, (n, total) in enumerate(zip(self.query_lens, self.seq_lens, strict=True)):
+            if n == 1:
+                decode_idx.append(s)
+                decode_rows.append(row)
+            else:
+                kv_start = self._key_window(total, total - n, chunk_size)
+                key_pos = torch.arange(kv_start, total, device=device)  # [K]
+                q_pos = torch.arange(total - n, total, device=device)  # [n]
+                slots = self.block_tables[s, key_pos // bs].long() * bs + key_pos % bs
+                mask = key_pos[None, :] <= q_pos[:, None]
+                if chunk_size is not None:
+                    mask &= (key_pos // chunk_size)[None, :] == (q_pos // chunk_size)[:, None]
+                prefills.append(PrefillPlan(row, n, slots, mask))
+            row += n
+        if not decode_idx:
+            return None, prefills
+        totals = [self.seq_lens[s] for s in decode_idx]
+        starts = [self._key_window(t, t - 1, chunk_size) for t in totals]
+        width = max(t - k for t, k in zip(totals, starts, strict=True))
+        idx = torch.tensor(decode_idx, device=device)
+        total_t = torch.tensor(totals, device=device)[:, None]
+        key_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(
+            width, device=device
+        )  # [S_d, K]
+        valid = key_pos < total_t
+        key_pos = torch.where(valid, key_pos, 0)
+        slots = self.block_tables[idx].gather(1, key_pos // bs).long() * bs + key_pos % bs
+        decode = DecodePlan(torch.tensor(decode_rows, device=device), slots, valid[:, None, None, :])
+        return decode, prefills
 
 
 def write_kv(
@@ -75,23 +117,37 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, num_heads, head_dim] -> [T, num_heads, head_dim], reading K/V from the cache.
 
-    Reference implementation on SDPA, one sequence at a time: exact on any device, and what faster
-    kernels are checked against.
+    Reference implementation on SDPA: all decodes in one padded batch, each prefill chunk on its
+    own. Exact on any device; faster kernels are checked against it. GQA: the query heads of a KV
+    head are folded into the query length, so K/V are never repeated.
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    T, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
-    start = 0
-    for (slots, mask), n in zip(meta.plan(chunk_size), meta.query_lens, strict=True):
-        q_s = q[start : start + n].transpose(0, 1)  # [H, n, D]
-        k_s = k_flat[slots].to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)  # [H, Lk, D]
-        v_s = v_flat[slots].to(q.dtype).transpose(0, 1).repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=mask, scale=scale)  # [H, n, D]
-        out[start : start + n] = o.transpose(0, 1)
-        start += n
+    decode, prefills = meta.plan(chunk_size)
+    if decode is not None:
+        S = decode.rows.shape[0]
+        q_d = q[decode.rows].view(S, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
+        k_d = k_flat[decode.slots].to(q.dtype).transpose(1, 2)  # [S, Hkv, K, D]
+        v_d = v_flat[decode.slots].to(q.dtype).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q_d, k_d, v_d, attn_mask=decode.mask, scale=scale
+        )  # [S, Hkv, G, D]
+        out[decode.rows] = o.reshape(S, num_heads, head_dim)
+    for p in prefills:
+        n = p.num_tokens
+        q_s = (
+            q[p.start : p.start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        )  # [Hkv, G, n, D]
+        k_s = k_flat[p.slots].to(q.dtype).transpose(0, 1)[:, None]  # [Hkv, 1, K, D]
+        v_s = v_flat[p.slots].to(q.dtype).transpose(0, 1)[:, None]
+        o = F.scaled_dot_product_attention(
+            q_s, k_s.expand(-1, group, -1, -1), v_s.expand(-1, group, -1, -1), attn_mask=p.mask, scale=scale
+        )  # [Hkv, G, n, D]
+        out[p.start : p.start + n] = o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
     return out
 
 

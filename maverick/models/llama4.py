@@ -143,20 +143,22 @@ class Llama4Model(nn.Module):
         positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
         kv_caches: list[KVCache],
-        image_embeds: torch.Tensor
-        | None = None,  # [P, hidden]: rows for the <|patch|> tokens of input_ids, in order
+        image_embeds: torch.Tensor | None = None,  # [P, hidden]
+        image_mask: torch.Tensor | None = None,  # [T] bool: the P prompt <|patch|> positions, in order
     ) -> torch.Tensor:
-        """Returns the final hidden states [T, hidden] (after the last norm)."""
+        """Returns the final hidden states [T, hidden] (after the last norm).
+
+        Image features replace the embeddings at `image_mask`. The mask is explicit because only a
+        prompt's <|patch|> tokens are image positions: the same id sampled by the model is text.
+        """
         embeds = self.language_model.model.embed_tokens(input_ids)  # [T, hidden]
-        is_patch = input_ids == self.config.image_token_id
-        num_patches = int(is_patch.sum())
-        if num_patches or image_embeds is not None:
-            got = 0 if image_embeds is None else image_embeds.shape[0]
-            if got != num_patches:
-                raise ValueError(
-                    f"{num_patches} <|patch|> tokens in the batch but {got} image embedding rows"
-                )
-            embeds = embeds.masked_scatter(is_patch[:, None], image_embeds.to(embeds.dtype))
+        if image_embeds is not None or image_mask is not None:
+            n_mask = 0 if image_mask is None else int(image_mask.sum())
+            n_rows = 0 if image_embeds is None else image_embeds.shape[0]
+            if n_mask != n_rows:
+                raise ValueError(f"{n_mask} image positions in the batch but {n_rows} image embedding rows")
+            if n_rows:
+                embeds = embeds.masked_scatter(image_mask[:, None], image_embeds.to(embeds.dtype))
         return self.language_model.model(embeds, positions, meta, kv_caches)
 
     @torch.inference_mode()

@@ -1,0 +1,133 @@
+"""The engine thread and its asyncio API: concurrent streams, early exit aborts, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from maverick.engine.async_engine import AsyncEngine
+from maverick.engine.llm_engine import EngineConfig, RequestError
+from maverick.engine.sampling_params import SamplingParams
+from maverick.engine.sequence import Prompt
+from maverick.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    eng = AsyncEngine(
+        EngineConfig(model_dir=str(tiny_ckpt), dtype="float32", experts="dequant", num_kv_blocks=128)
+    )
+    yield eng
+    eng.shutdown()
+    assert not eng.healthy()
+
+
+def _prompt(tok: Tokenizer, i: int) -> Prompt:
+    return Prompt(
+        tok.encode(f"Request number {i}: tell me something about the number {i * 7}.", add_bos=True)
+    )
+
+
+async def _collect(engine, rid, prompt, params):
+    ids, text, last = [], "", None
+    async for out in engine.generate(rid, prompt, params):
+        ids += out.token_ids
+        text += out.text
+        last = out
+    return ids, text, last
+
+
+def test_concurrent_streams_equal_sequential(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        sequential = [await _collect(engine, f"s{i}", _prompt(tok, i), params) for i in range(6)]
+        together = await asyncio.gather(
+            *(_collect(engine, f"c{i}", _prompt(tok, i), params) for i in range(6))
+        )
+        return sequential, together
+
+    sequential, together = asyncio.run(main())
+    for (ids_a, text_a, last_a), (ids_b, text_b, last_b) in zip(sequential, together, strict=True):
+        assert ids_a == ids_b and text_a == text_b
+        assert last_b.finished and last_b.finish_reason == "length" and last_b.num_output_tokens == 12
+        assert text_b == tok.decode(ids_b, skip_special_tokens=True)
+        assert last_b.first_token_time is not None and last_b.first_token_time >= last_b.arrival_time
+
+
+def test_leaving_the_stream_aborts_and_frees_blocks(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+
+    async def main():
+        n = 0
+        stream = engine.generate("leaver", _prompt(tok, 1), SamplingParams(max_tokens=500, ignore_eos=True))
+        async with contextlib.aclosing(stream):
+            async for _ in stream:
+                n += 1
+                if n == 3:
+                    break
+        for _ in range(200):  # the event loop is still running: the abort must free blocks by itself
+            s = engine.stats()
+            if s["num_running"] == 0 and s["kv_blocks_used"] == 0:
+                return n, s
+            await asyncio.sleep(0.01)
+        return n, engine.stats()
+
+    n, stats = asyncio.run(main())
+    assert n == 3 and stats["num_running"] == 0 and stats["kv_blocks_used"] == 0
+
+
+def test_a_closed_caller_loop_does_not_kill_the_engine(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+
+    async def main():
+        async for _ in engine.generate(
+            "orphan", _prompt(tok, 4), SamplingParams(max_tokens=300, ignore_eos=True)
+        ):
+            return  # no aclose: the generator is finalised only when the loop shuts down
+
+    asyncio.run(main())
+    time.sleep(0.3)
+    assert engine.healthy()
+    deadline = time.monotonic() + 2.0
+    while engine.stats()["kv_blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_cancelled_task_aborts(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+
+    async def main():
+        task = asyncio.create_task(
+            _collect(engine, "cancel-me", _prompt(tok, 2), SamplingParams(max_tokens=800))
+        )
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 2.0
+    while engine.stats()["kv_blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_bad_request_raises_at_once_and_engine_keeps_serving(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+
+    async def main():
+        with pytest.raises(RequestError, match="empty"):
+            await _collect(engine, "bad", Prompt([]), SamplingParams())
+        return await _collect(engine, "good", _prompt(tok, 3), SamplingParams(max_tokens=3, ignore_eos=True))
+
+    ids, _, last = asyncio.run(main())
+    assert len(ids) == 3 and last.finished
+    assert engine.healthy()
+    stats = engine.stats()
+    assert stats["generated_tokens_total"] > 0 and "generation_tokens_per_s" in stats
