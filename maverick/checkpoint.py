@@ -29,6 +29,8 @@ from safetensors import safe_open
 
 from maverick.config import ModelConfig
 from maverick.layers.fp8 import FP8_DTYPE, dequantize, fp8_supported, quantize_rowwise
+from maverick.layers.linear import MergedColumnLinear
+from maverick.layers.moe import RoutedExperts
 from maverick.layers.parallel import tp_slice
 from maverick.models.llama4 import Llama4Model
 
@@ -67,29 +69,45 @@ class _ExpertParts:
     scale: torch.Tensor | None = None
 
 
+def plain_targets(model: Llama4Model) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """Checkpoint name -> (where it goes in the model, its tensor-parallel dim), for every tensor
+    but the routed experts. Merged projections (qkv, gate_up) take their parts' names and rows."""
+    targets: dict[str, tuple[torch.Tensor, int | None]] = {}
+    merged = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, MergedColumnLinear)}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), RoutedExperts):
+            continue
+        if name in merged:
+            parent = name.rsplit(".", 2)[0]
+            for part in merged[name].parts:
+                targets[f"{parent}.{part}.weight"] = (param.data[merged[name].part_rows(part)], 0)
+        else:
+            targets[name] = (param.data, getattr(param, "tp_dim", None))
+    return targets
+
+
 class _Loader:
     def __init__(self, model: Llama4Model, tp_rank: int, tp_size: int, quantize_experts: bool):
         self.model = model
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.quantize_experts = quantize_experts  # bf16 checkpoint experts -> FP8 at load
-        self.params = dict(model.named_parameters())
-        self.params.update((n, b) for n, b in model.named_buffers() if n in model.state_dict())
-        self.filled: set[str] = set()  # plain parameters, and "{experts}.{e}.{gate|up|down}" parts
+        self.params = plain_targets(model)
+        self.filled: set[str] = set()  # plain tensors, and "{experts}.{e}.{gate|up|down}" parts
         self.pending: dict[str, _ExpertParts] = {}
         self.cfg = model.config.text
 
     # -- plain tensors -------------------------------------------------------------------------
     def load_plain(self, name: str, t: torch.Tensor) -> None:
-        param = self.params.get(name)
         if name in self.filled:
             raise CheckpointError(f"tensor '{name}' appears twice in the checkpoint")
-        if param is None:
+        if name not in self.params:
             raise CheckpointError(f"unexpected tensor '{name}' (the model has no such parameter)")
+        param, tp_dim = self.params[name]
         if t.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(
                 f"tensor '{name}' has dtype {t.dtype}; only routed experts may be {FP8_DTYPE}"
             )
-        t = tp_slice(t, getattr(param, "tp_dim", None), self.tp_rank, self.tp_size)
+        t = tp_slice(t, tp_dim, self.tp_rank, self.tp_size)
         if tuple(t.shape) != tuple(param.shape):
             raise CheckpointError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(param.shape)}")
         with torch.no_grad():
@@ -97,9 +115,7 @@ class _Loader:
         self.filled.add(name)
 
     # -- experts -------------------------------------------------------------------------------
-    def _experts(self, prefix: str, name: str):
-        from maverick.layers.moe import RoutedExperts
-
+    def _experts(self, prefix: str, name: str) -> RoutedExperts:
         try:
             mod = self.model.get_submodule(prefix)
         except AttributeError:
@@ -193,8 +209,6 @@ class _Loader:
             key, parts = next(iter(self.pending.items()))
             half = "weight_scale" if parts.scale is None else "weight"
             raise CheckpointError(f"missing tensor '{key}_proj.{half}'")
-        from maverick.layers.moe import RoutedExperts
-
         for prefix, mod in self.model.named_modules():
             if isinstance(mod, RoutedExperts):
                 for e in range(mod.num_experts):
@@ -203,7 +217,6 @@ class _Loader:
                             raise CheckpointError(
                                 f"missing tensor '{prefix}.{e}.{proj}_proj.weight' (expert {e})"
                             )
-                self.filled.update(f"{prefix}.{n}" for n, _ in mod.named_parameters())
         missing = [n for n in self.params if n not in self.filled]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from maverick.checkpoint import plain_targets
 from maverick.config import ModelConfig
 from maverick.image import image_processor_config
 from maverick.layers.fp8 import quantize_rowwise
+from maverick.layers.moe import RoutedExperts
 from maverick.models.llama4 import Llama4Model
 from maverick.tiny_tokenizer import write_tokenizer
 
@@ -167,29 +169,24 @@ def build_weights(config: dict, seed: int, bf16: bool) -> dict[str, torch.Tensor
             ModelConfig.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
         )
     tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.state_dict().items():
-        if name.endswith("experts.w2"):
-            continue  # emitted with w13 below
-        if name.endswith("experts.w13"):
-            prefix = name.removesuffix(".w13")
-            E, two_i, H = p.shape
-            gate_up = torch.randn(E, two_i, H, generator=g) / math.sqrt(H)  # [E, 2I, H]
-            down = torch.randn(E, H, two_i // 2, generator=g) / math.sqrt(two_i // 2)  # [E, H, I]
-            if bf16:
-                tensors[f"{prefix}.gate_up_proj"] = gate_up.transpose(1, 2).to(torch.bfloat16)  # [E, H, 2I]
-                tensors[f"{prefix}.down_proj"] = down.transpose(1, 2).to(torch.bfloat16)  # [E, I, H]
-                continue
-            for e in range(E):
-                for proj, w in (
-                    ("gate", gate_up[e, : two_i // 2]),
-                    ("up", gate_up[e, two_i // 2 :]),
-                    ("down", down[e]),
-                ):
-                    w_fp8, scale = quantize_rowwise(w)
-                    tensors[f"{prefix}.{e}.{proj}_proj.weight"] = w_fp8
-                    tensors[f"{prefix}.{e}.{proj}_proj.weight_scale"] = scale  # [out, 1] fp32
+    for name, (target, _) in plain_targets(model).items():
+        tensors[name] = _init(name, tuple(target.shape), g).to(torch.bfloat16)
+    for prefix, experts in model.named_modules():
+        if not isinstance(experts, RoutedExperts):
             continue
-        tensors[name] = _init(name, tuple(p.shape), g).to(torch.bfloat16)
+        E, two_i, H = experts.w13.shape
+        gate_up = torch.randn(E, two_i, H, generator=g) / math.sqrt(H)  # [E, 2I, H]
+        down = torch.randn(E, H, two_i // 2, generator=g) / math.sqrt(two_i // 2)  # [E, H, I]
+        if bf16:
+            tensors[f"{prefix}.gate_up_proj"] = gate_up.transpose(1, 2).to(torch.bfloat16)  # [E, H, 2I]
+            tensors[f"{prefix}.down_proj"] = down.transpose(1, 2).to(torch.bfloat16)  # [E, I, H]
+            continue
+        for e in range(E):
+            halves = (("gate", gate_up[e, : two_i // 2]), ("up", gate_up[e, two_i // 2 :]), ("down", down[e]))
+            for proj, w in halves:
+                w_fp8, scale = quantize_rowwise(w)
+                tensors[f"{prefix}.{e}.{proj}_proj.weight"] = w_fp8
+                tensors[f"{prefix}.{e}.{proj}_proj.weight_scale"] = scale  # [out, 1] fp32
     return tensors
 
 

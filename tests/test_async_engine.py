@@ -52,7 +52,7 @@ def test_concurrent_streams_equal_sequential(engine, tiny_ckpt):
         return sequential, together
 
     sequential, together = asyncio.run(main())
-    for (ids_a, text_a, last_a), (ids_b, text_b, last_b) in zip(sequential, together, strict=True):
+    for (ids_a, text_a, _), (ids_b, text_b, last_b) in zip(sequential, together, strict=True):
         assert ids_a == ids_b and text_a == text_b
         assert last_b.finished and last_b.finish_reason == "length" and last_b.num_output_tokens == 12
         assert text_b == tok.decode(ids_b, skip_special_tokens=True)

@@ -55,7 +55,7 @@ def test_fp8_checkpoint_keeps_fp8_experts(tiny_ckpt):
     model = load_model(tiny_ckpt, dtype=torch.bfloat16)
     experts = model.language_model.model.layers[1].feed_forward.experts
     assert experts.w13.dtype == FP8_DTYPE and experts.w13_scale.dtype == torch.float32
-    assert model.language_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.language_model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
 
 
 def test_bf16_checkpoint_loads_and_quantizes_on_request(tiny_ckpt_bf16):

@@ -45,17 +45,18 @@ def test_fp8_model_agrees_with_dequantized(tiny_ckpt, ours_fp32):
     got = PagedDriver(fp8).step([(str(i), p, None) for i, p in enumerate(prompts)])
     ref, got = torch.cat(ref), torch.cat(got)
     agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    rel_err = ((got - ref).abs().max() / ref.abs().max()).item()
+    rel_l2 = ((got - ref).norm() / ref.norm()).item()
     print(
-        f"fp8 vs dequantized over {ref.shape[0]} positions: top-1 agreement {agree:.4f}, "
-        f"max |diff| {(got - ref).abs().max().item():.4f} (max |logit| {ref.abs().max().item():.2f}, "
-        f"relative {rel_err:.4f})"
+        f"fp8 vs dequantized over {ref.shape[0]} positions: top-1 agreement {agree:.4f}, relative L2 "
+        f"{rel_l2:.4f}, max |diff| {(got - ref).abs().max().item():.3f} "
+        f"(max |logit| {ref.abs().max().item():.2f})"
     )
     # The only difference between the paths is e4m3 rounding of the expert inputs (3 mantissa bits,
-    # ~4% per MoE layer, measured below); through four MoE layers of a random model that flips the
-    # argmax where the top two logits are close. Measured: 0.93 agreement, relative error 0.26.
-    assert agree >= 0.85
-    assert rel_err <= 0.4
+    # ~4% per MoE layer, measured below). Through four MoE layers of a random model that flips a
+    # router choice here and there (the max |diff| is such a flip) and the argmax where the top two
+    # logits are close. Measured on the tiny checkpoint: agreement 0.97, relative L2 0.056.
+    assert agree >= 0.9
+    assert rel_l2 <= 0.15
 
 
 def test_fp8_experts_error_per_layer(tiny_ckpt, ours_fp32):

@@ -14,6 +14,7 @@ from torch import nn
 
 from maverick.config import ModelConfig, TextConfig
 from maverick.layers.attention import AttentionMetadata, paged_attention, write_kv
+from maverick.layers.linear import MergedColumnLinear
 from maverick.layers.mlp import MLP
 from maverick.layers.moe import MoE
 from maverick.layers.norm import RMSNorm
@@ -39,12 +40,13 @@ class TextAttention(nn.Module):
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
         H, D = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(H, self.num_heads * D, bias=False, dtype=dtype)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False, dtype=dtype)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False, dtype=dtype)
+        # q, k, v in one GEMM (checkpoint: q_proj, k_proj, v_proj), column parallel
+        self.qkv_proj = MergedColumnLinear(
+            H,
+            {"q_proj": self.num_heads * D, "k_proj": self.num_kv_heads * D, "v_proj": self.num_kv_heads * D},
+            dtype,
+        )
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=False, dtype=dtype)
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            set_tp_dim(proj.weight, 0)
         set_tp_dim(self.o_proj.weight, 1)
 
     def forward(
@@ -56,9 +58,10 @@ class TextAttention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         elif self.temperature_tuning:

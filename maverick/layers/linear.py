@@ -1,0 +1,32 @@
+"""Projections of one input that run as one matmul but live apart in the checkpoint.
+
+`MergedColumnLinear` holds q/k/v (or gate/up) stacked along the output rows: one GEMM instead of
+three (or two) per layer. The checkpoint keeps `q_proj`, `k_proj`, ...; the loader fills each
+part's rows (`part_rows`), slicing each part for its tensor-parallel rank first, so a rank's
+weight is [q_rank; k_rank; v_rank].
+"""
+
+import torch
+from torch import nn
+
+from maverick.layers.parallel import set_tp_dim
+
+
+class MergedColumnLinear(nn.Linear):
+    def __init__(self, in_features: int, parts: dict[str, int], dtype: torch.dtype):
+        """parts: checkpoint module name -> its output rows (on this rank), in stacking order."""
+        super().__init__(in_features, sum(parts.values()), bias=False, dtype=dtype)
+        self.parts = dict(parts)
+        set_tp_dim(self.weight, 0)
+
+    def part_rows(self, name: str) -> slice:
+        start = 0
+        for part, size in self.parts.items():
+            if part == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(name)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[.., sum(parts)] -> one tensor per part."""
+        return y.split(list(self.parts.values()), dim=-1)
