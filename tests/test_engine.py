@@ -241,3 +241,20 @@ def test_bad_requests_are_refused_clearly(tiny_ckpt, tok):
     with pytest.raises(RequestError, match="max_model_len 64"):
         long_engine.add_request("e", Prompt([1] * 64), ok)
     assert not engine.has_unfinished()
+
+
+def test_bad_words_are_never_generated(tiny_ckpt, tok, reqs):
+    rid, prompt, _, _ = reqs[7]
+    free = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ids = run(make_engine(tiny_ckpt), [("x", prompt, free, 0)])["x"]
+    # the first generated token that is a whole word by itself
+    k = next(
+        i for i, t in enumerate(ids) if (w := tok.decode([t])).strip().isalnum() and tok.encode(w) == [t]
+    )
+    banned = tok.decode([ids[k]])
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, bad_words=[banned])
+    got = run(make_engine(tiny_ckpt), [("x", prompt, params, 0)])["x"]
+    assert got[:k] == ids[:k] and got[k] != ids[k]
+    engine = make_engine(tiny_ckpt)
+    for word in engine._bad_words_ids((banned,)):
+        assert all(tuple(got[i : i + len(word)]) != tuple(word) for i in range(len(got)))

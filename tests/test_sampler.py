@@ -333,3 +333,20 @@ def test_logprobs_are_of_the_raw_distribution():
         assert out.logprobs[i] == pytest.approx(raw[i, out.token_ids[i]].item(), abs=0)
     assert out.logprobs[2] is None
     assert all(math.isfinite(lp) for lp in out.logprobs if lp is not None)
+
+
+def test_bad_words_mask_only_the_completing_token():
+    from maverick.engine.sampler import SamplingState, apply_bad_words
+
+    params = SamplingParams(bad_words=("x",))
+    state = SamplingState.create(
+        params,
+        [1],
+        eos_token_ids=(),
+        vocab_size=8,
+        device="cpu",
+        output_token_ids=[3, 4],
+        bad_words_ids=[[5], [4, 6], [2, 7]],
+    )
+    logits = apply_bad_words(torch.zeros(1, 8), [state])
+    assert logits[0].isinf().nonzero().flatten().tolist() == [5, 6]  # 7 is allowed: its prefix 2 is not there

@@ -145,6 +145,7 @@ class LLMEngine:
                 vocab_size=self.vocab_size,
                 device=self.device,
                 output_token_ids=output_ids,
+                bad_words_ids=self._bad_words_ids(params.bad_words),
             )
             return Sequence(
                 request_id=request_id,
@@ -158,6 +159,16 @@ class LLMEngine:
             )
         except ValueError as e:
             raise RequestError(str(e)) from None
+
+    def _bad_words_ids(self, words: tuple[str, ...]) -> list[list[int]]:
+        """Each bad word as tokens, alone and after a space (how it appears mid-sentence)."""
+        out = []
+        for word in words:
+            for variant in dict.fromkeys((word, " " + word.lstrip())):
+                ids = self.tokenizer.encode(variant)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:

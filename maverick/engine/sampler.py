@@ -53,6 +53,7 @@ class SamplingState:
     prompt_token_ids: Seq[int]
     output_token_ids: list[int]  # grows as the caller appends sampled tokens
     stop_ids: frozenset[int]  # the model's EOS ids (unless ignore_eos) and params.stop_token_ids
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete
     # unique prompt ids on the logits' device, built on the first repetition-penalty step
     _prompt_ids: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -66,6 +67,7 @@ class SamplingState:
         vocab_size: int,
         device: torch.device | str,
         output_token_ids: list[int] | None = None,
+        bad_words_ids: Seq[Seq[int]] = (),
     ) -> SamplingState:
         """Raises SamplingParamsError if a stop token id is outside the vocabulary."""
         params.check_vocab(vocab_size)
@@ -78,6 +80,7 @@ class SamplingState:
             prompt_token_ids=prompt_token_ids,
             output_token_ids=[] if output_token_ids is None else output_token_ids,
             stop_ids=stop_ids,
+            bad_words_ids=tuple(tuple(w) for w in bad_words_ids if w),
         )
 
     def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
@@ -159,6 +162,22 @@ def apply_min_tokens(logits: torch.Tensor, states: Seq[SamplingState]) -> torch.
         if len(s.output_token_ids) < s.params.min_tokens and s.stop_ids:
             rows.extend([i] * len(s.stop_ids))
             cols.extend(s.stop_ids)
+    if rows:
+        logits[_index(rows, logits.device), _index(cols, logits.device)] = float("-inf")
+    return logits
+
+
+def apply_bad_words(logits: torch.Tensor, states: Seq[SamplingState]) -> torch.Tensor:
+    """-inf for the last token of each bad word whose earlier tokens end the output so far; in place."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, s in enumerate(states):
+        out = s.output_token_ids
+        for word in s.bad_words_ids:
+            prefix = word[:-1]
+            if len(out) >= len(prefix) and (not prefix or tuple(out[len(out) - len(prefix) :]) == prefix):
+                rows.append(i)
+                cols.append(word[-1])
     if rows:
         logits[_index(rows, logits.device), _index(cols, logits.device)] = float("-inf")
     return logits
@@ -248,6 +267,7 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState]) -> SamplerOutput:
     work = logits.to(torch.float32, copy=True)  # [N, V]
     apply_penalties(work, states)
     apply_min_tokens(work, states)
+    apply_bad_words(work, states)
 
     greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
     if len(greedy) == n:

@@ -17,6 +17,7 @@ from typing import Any
 
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOP_STRINGS = 16
+MAX_BAD_WORDS = 64
 MAX_SEED = 2**64  # exclusive: a seed is an unsigned 64-bit integer, as torch.Generator.manual_seed takes
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, as the OpenAI API
 
@@ -74,6 +75,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # in [-2, 2]; subtracted once per occurrence in the output
     stop: tuple[str, ...] = ()  # non-empty strings, at most 16; output ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # token ids >= 0 that end the request, besides EOS
+    bad_words: tuple[str, ...] = ()  # never generated: each word's tokens (with and without a leading space)
     ignore_eos: bool = False  # the model's EOS tokens do not end the request
     include_stop_str_in_output: bool = False  # the matched stop string is part of the output text
     logprobs: bool = False  # return the log-probability of each chosen token
@@ -97,6 +99,7 @@ class SamplingParams:
             set_(name, _float(name, getattr(self, name), *PENALTY_RANGE, note=" (0 = off)"))
         set_("stop", self._stop_strings(self.stop))
         set_("stop_token_ids", self._stop_token_ids(self.stop_token_ids))
+        set_("bad_words", self._strings("bad_words", self.bad_words, MAX_BAD_WORDS))
         for name in ("ignore_eos", "include_stop_str_in_output", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "true or false")
@@ -113,6 +116,16 @@ class SamplingParams:
         if len(stop) > MAX_STOP_STRINGS:
             raise _fail("stop", stop, f"a list of at most {MAX_STOP_STRINGS} strings")
         return tuple(stop)
+
+    @staticmethod
+    def _strings(name: str, words: Any, limit: int) -> tuple[str, ...]:
+        if isinstance(words, str):
+            words = (words,)
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w for w in words):
+            raise _fail(name, words, "a list of non-empty strings")
+        if len(words) > limit:
+            raise _fail(name, words, f"a list of at most {limit} strings")
+        return tuple(words)
 
     @staticmethod
     def _stop_token_ids(ids: Any) -> tuple[int, ...]:
