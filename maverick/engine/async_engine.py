@@ -32,6 +32,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped; no request can be served."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting; this one is refused rather than queued without bound."""
+
+
 @dataclass
 class _Request:
     loop: asyncio.AbstractEventLoop
@@ -64,6 +68,11 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already in use")
+            waiting = len(self._new) + int(self._stats["num_waiting"])
+            if waiting >= self.engine.config.max_num_waiting:
+                raise EngineOverloadedError(
+                    f"the server is overloaded: {waiting} requests are waiting; retry later"
+                )
             self._requests[request_id] = req
             self._new.append(seq)
             self._wake.notify()

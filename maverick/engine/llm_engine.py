@@ -41,10 +41,12 @@ class EngineConfig:
     device: str = "cpu"
     experts: ExpertMode = "auto"
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: from kv_cache_bytes
+    num_kv_blocks: int | None = None  # None: from kv_cache_bytes (CPU) or gpu_memory_utilization (CUDA)
     kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.9  # CUDA: the share of the memory left after loading for the cache
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    max_num_waiting: int = 256  # more queued requests than this are refused (overload), not buffered
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
 
@@ -53,6 +55,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
 @dataclass
@@ -91,9 +95,7 @@ class LLMEngine:
         )
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         mcfg = self.model.config
-        num_blocks = config.num_kv_blocks or max(
-            1, config.kv_cache_bytes // ModelRunner.kv_bytes_per_block(self.model, config.block_size)
-        )
+        num_blocks = config.num_kv_blocks or self._num_kv_blocks()
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -108,6 +110,16 @@ class LLMEngine:
         self.streams: dict[str, _Stream] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+
+    def _num_kv_blocks(self) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size)
+        budget = self.config.kv_cache_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization)
+        if budget < per_block:
+            raise ValueError(f"no room for a single KV block ({per_block} bytes; {budget} available)")
+        return budget // per_block
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs) -> LLMEngine:
@@ -125,6 +137,11 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens; this model serves at most {self.max_model_len - 1} "
                 f"prompt tokens (max_model_len {self.max_model_len}, one left to generate)"
+            )
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceed the model's "
+                f"context of {self.max_model_len} tokens"
             )
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if len(ids) + 1 > capacity:
@@ -303,6 +320,7 @@ class LLMEngine:
             "kv_blocks_free": bm.num_free_blocks,
             "kv_blocks_total": bm.num_blocks,
             "prefix_cache_hit_rate": bm.prefix_hit_rate,
+            "prefix_cache_hit_tokens_total": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.num_prompt_tokens,
             "generated_tokens_total": self.num_generated_tokens,

@@ -1,0 +1,283 @@
+"""A small client for the `ensemble` model over gRPC (tritonclient, streaming) or HTTP
+(`/generate` and `/generate_stream`, server-sent events).
+
+    from client.llm import GrpcClient, HttpClient
+    with GrpcClient("localhost:8001") as c:
+        for chunk in c.stream(messages=[{"role": "user", "content": "Hi"}], max_tokens=64):
+            print(chunk.text, end="", flush=True)
+
+Both clients take the same request fields: `text` (raw prompt), or `messages` (OpenAI shape) with
+`images` (bytes, in the order of the image parts) and `system`; sampling fields by their server
+names (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop_words`, ...).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MODEL = "ensemble"
+
+# server input name -> (tritonclient dtype, numpy dtype) for the optional scalar fields
+SCALARS = {
+    "max_tokens": ("INT32", np.int32),
+    "min_tokens": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "top_p": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32),
+    "min_p": ("FP32", np.float32),
+    "seed": ("UINT64", np.uint64),
+    "repetition_penalty": ("FP32", np.float32),
+    "presence_penalty": ("FP32", np.float32),
+    "frequency_penalty": ("FP32", np.float32),
+    "end_id": ("INT32", np.int32),
+    "ignore_eos": ("BOOL", bool),
+    "include_stop_str_in_output": ("BOOL", bool),
+    "exclude_input_in_output": ("BOOL", bool),
+    "apply_chat_template": ("BOOL", bool),
+    "return_log_probs": ("BOOL", bool),
+}
+LISTS = ("stop_words", "bad_words")
+
+
+class ServerError(RuntimeError):
+    """The server refused or failed a request; `.message` is its text."""
+
+    def __init__(self, message: str, status: str | int | None = None):
+        super().__init__(message if status is None else f"[{status}] {message}")
+        self.message, self.status = message, status
+
+
+@dataclass
+class Chunk:
+    """One streamed response: a text delta and the tokens behind it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    num_input_tokens: int
+    num_output_tokens: int  # in this chunk
+    time: float  # time.monotonic() when it arrived
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    start: float = 0.0
+    first_token_time: float | None = None
+    end: float = 0.0
+
+    def add(self, chunk: Chunk) -> None:
+        self.text += chunk.text
+        self.token_ids += chunk.token_ids
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
+        self.num_output_tokens += chunk.num_output_tokens
+        if self.first_token_time is None and chunk.num_output_tokens:
+            self.first_token_time = chunk.time
+        self.end = chunk.time
+
+    def summary(self) -> str:
+        ttft = (self.first_token_time - self.start) if self.first_token_time else float("nan")
+        span = self.end - (self.first_token_time or self.start)
+        rate = (
+            (self.num_output_tokens - 1) / span if span > 0 and self.num_output_tokens > 1 else float("nan")
+        )
+        return (
+            f"[{self.num_input_tokens} prompt + {self.num_output_tokens} generated tokens, "
+            f"TTFT {ttft * 1e3:.0f} ms, {rate:.1f} tokens/s, {self.end - self.start:.2f} s, "
+            f"finish: {self.finish_reason}]"
+        )
+
+
+def request_fields(
+    text: str | None = None,
+    messages: list[dict] | None = None,
+    images: list[bytes] = (),
+    system: str | None = None,
+    **sampling: Any,
+) -> dict[str, Any]:
+    """The request as {input name: python value} (lists for the list-valued inputs)."""
+    unknown = set(sampling) - set(SCALARS) - set(LISTS)
+    if unknown:
+        raise ValueError(f"unknown request fields {sorted(unknown)}")
+    fields: dict[str, Any] = {k: v for k, v in sampling.items() if v is not None}
+    if messages is not None:
+        fields["messages"] = json.dumps(messages)
+    if text is not None:
+        fields["text_input"] = text
+    if system is not None:
+        fields["system_prompt"] = system
+    if images:
+        fields["images"] = list(images)
+    return fields
+
+
+class GrpcClient:
+    """gRPC streaming (`start_stream`); `stream()` yields chunks as they arrive."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = MODEL):
+        import tritonclient.grpc as grpcclient
+
+        self._mod = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.model = model
+
+    def __enter__(self) -> GrpcClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _inputs(self, fields: dict[str, Any], stream: bool):
+        mod, inputs = self._mod, []
+
+        def add(name: str, arr: np.ndarray, dtype: str) -> None:
+            inp = mod.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+
+        for name, value in {**fields, "stream": stream}.items():
+            if name in ("text_input", "messages", "system_prompt"):
+                add(name, np.array([[value.encode()]], dtype=object), "BYTES")
+            elif name == "images":
+                add(name, np.array([value], dtype=object), "BYTES")
+            elif name in LISTS:
+                add(name, np.array([[w.encode() for w in value]], dtype=object), "BYTES")
+            else:
+                dtype, np_dtype = SCALARS.get(name, ("BOOL", bool))
+                add(name, np.array([[value]], dtype=np_dtype), dtype)
+        return inputs
+
+    def stream(self, *, request_id: str | None = None, stream: bool = True, **kwargs) -> Iterator[Chunk]:
+        """Send one request on a gRPC stream and yield its responses. Closing the iterator early
+        cancels the request on the server."""
+        fields = request_fields(**kwargs)
+        responses: queue.Queue = queue.Queue()
+        self.client.start_stream(
+            callback=lambda result, error: responses.put((result, error, time.monotonic()))
+        )
+        done = False
+        try:
+            self.client.async_stream_infer(
+                self.model,
+                self._inputs(fields, stream),
+                request_id=request_id or uuid.uuid4().hex,
+                enable_empty_final_response=True,
+            )
+            while not done:
+                result, error, t = responses.get()
+                if error is not None:
+                    raise ServerError(error.message(), error.status())
+                params = result.get_response().parameters
+                done = bool(
+                    params.get("triton_final_response") and params["triton_final_response"].bool_param
+                )
+                if result.as_numpy("text_output") is None:
+                    continue  # the empty final response
+                yield _chunk({n: result.as_numpy(n) for n in _OUTPUTS}, t)
+        finally:
+            self.client.stop_stream(cancel_requests=not done)
+
+    def generate(self, **kwargs) -> Result:
+        result = Result(start=time.monotonic())
+        for chunk in self.stream(**kwargs):
+            result.add(chunk)
+        return result
+
+
+_OUTPUTS = ("text_output", "output_token_ids", "finish_reason", "num_input_tokens", "num_output_tokens")
+
+
+def _first(arr, default=None):
+    if arr is None:
+        return default
+    flat = np.asarray(arr, dtype=object).reshape(-1)
+    return flat[0] if flat.size else default
+
+
+def _chunk(values: dict[str, Any], t: float) -> Chunk:
+    text = _first(values.get("text_output"), b"")
+    finish = _first(values.get("finish_reason"), b"")
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    finish = finish.decode() if isinstance(finish, bytes) else str(finish)
+    ids = values.get("output_token_ids")
+    return Chunk(
+        text=text,
+        token_ids=[int(i) for i in np.asarray(ids).reshape(-1)] if ids is not None else [],
+        finish_reason=finish or None,
+        num_input_tokens=int(_first(values.get("num_input_tokens"), 0)),
+        num_output_tokens=int(_first(values.get("num_output_tokens"), 0)),
+        time=t,
+    )
+
+
+class HttpClient:
+    """HTTP `/generate` (one JSON answer) and `/generate_stream` (server-sent events)."""
+
+    def __init__(self, url: str = "localhost:8000", model: str = MODEL, timeout: float = 600.0):
+        self.base = url if url.startswith("http") else f"http://{url}"
+        self.model, self.timeout = model, timeout
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def _post(self, endpoint: str, fields: dict[str, Any]):
+        body = dict(fields)
+        if "images" in body:  # JSON cannot carry raw bytes: base64, which the server accepts
+            body["images"] = [base64.b64encode(b).decode() for b in body["images"]]
+        req = urllib.request.Request(
+            f"{self.base}/v2/models/{self.model}/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - a URL the user gave
+        except urllib.error.HTTPError as e:
+            raise ServerError(_error_text(e.read()), e.code) from None
+
+    def generate(self, **kwargs) -> Result:
+        result = Result(start=time.monotonic())
+        with self._post("generate", {**request_fields(**kwargs), "stream": False}) as resp:
+            result.add(_chunk(json.loads(resp.read()), time.monotonic()))
+        return result
+
+    def stream(self, **kwargs) -> Iterator[Chunk]:
+        """Yield one chunk per server-sent event. An error event after the 200 raises ServerError.
+        Closing the iterator early closes the connection, which cancels the request."""
+        with self._post("generate_stream", {**request_fields(**kwargs), "stream": True}) as resp:
+            for line in resp:
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise ServerError(event["error"])
+                yield _chunk(event, time.monotonic())
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return json.loads(body).get("error", body.decode(errors="replace"))
+    except (ValueError, AttributeError):
+        return body.decode(errors="replace")

@@ -1,0 +1,273 @@
+"""A generate request as it arrives at the server, checked and turned into what the engine takes.
+
+Inputs use the TensorRT-LLM ensemble's names, so `/generate`, `/generate_stream`, Triton's
+OpenAI frontend and genai-perf work unchanged, plus ours for chat messages and images. They come
+in as numpy arrays of one request (batch dimension 1). Everything here raises `InvalidRequest`
+with a message meant for the user; nothing is silently dropped or clamped.
+
+Between the preprocessing and the `maverick` step a request travels as tensors: `input_ids`,
+`pixel_values` (all tiles of all images), `image_tiles` (tiles per image) and `request`, a JSON
+string with the sampling parameters and the response options.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from maverick.engine.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, SamplingParamsError
+from maverick.engine.sequence import ImageInput, Prompt
+from maverick.image import ImageError
+from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
+from maverick.tokenizer import Tokenizer
+
+MAX_TEXT_BYTES = 1 << 20  # 1 MiB of prompt text
+_BASE64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
+
+# input name -> SamplingParams field, for scalars that map one to one
+_SCALARS = {
+    "max_tokens": "max_tokens",
+    "min_tokens": "min_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "ignore_eos": "ignore_eos",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+    "return_log_probs": "logprobs",
+}
+_FLAGS = (
+    "stream",
+    "exclude_input_in_output",
+    "apply_chat_template",
+    "return_num_input_tokens",
+    "return_num_output_tokens",
+)
+KNOWN_INPUTS = frozenset(
+    {"text_input", "messages", "images", "system_prompt", "stop_words", "bad_words", "end_id"}
+    | set(_SCALARS)
+    | set(_FLAGS)
+)
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses; the message is for the user (INVALID_ARG)."""
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    stream: bool = False
+    echo_text: str | None = None  # prepended to the first response when exclude_input_in_output is false
+    default_max_tokens: bool = True  # max_tokens was not given: fit it to the context left
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: Prompt
+    params: SamplingParams
+    options: ResponseOptions
+
+
+# -- reading one request's inputs ------------------------------------------------------------------
+def _values(inputs: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    arr = inputs.get(name)
+    if arr is None:
+        return None
+    if arr.ndim == 0 or arr.shape[0] != 1:
+        raise InvalidRequest(f"{name}: send one request per call (batch size 1), got shape {list(arr.shape)}")
+    return arr.reshape(-1)
+
+
+def _scalar(inputs: dict[str, np.ndarray], name: str) -> Any:
+    vals = _values(inputs, name)
+    if vals is None:
+        return None
+    if vals.size != 1:
+        raise InvalidRequest(f"{name} must hold exactly one value, got {vals.size}")
+    v = vals[0]
+    if isinstance(v, (bytes, np.bytes_)):
+        raise InvalidRequest(f"{name} must be a number or a boolean, not a string")
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _text(raw: Any, name: str) -> str:
+    if isinstance(raw, str):
+        return raw
+    if not isinstance(raw, (bytes, np.bytes_)):
+        raise InvalidRequest(f"{name} must be a string")
+    if len(raw) > MAX_TEXT_BYTES:
+        raise InvalidRequest(f"{name} is {len(raw)} bytes; at most {MAX_TEXT_BYTES}")
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"{name} is not valid UTF-8 (byte {e.start})") from None
+
+
+def _string(inputs: dict[str, np.ndarray], name: str) -> str | None:
+    vals = _values(inputs, name)
+    if vals is None:
+        return None
+    if vals.size != 1:
+        raise InvalidRequest(f"{name} must hold exactly one string, got {vals.size}")
+    return _text(vals[0], name)
+
+
+def _strings(inputs: dict[str, np.ndarray], name: str) -> list[str]:
+    vals = _values(inputs, name)
+    return [] if vals is None else [_text(v, name) for v in vals if len(v)]
+
+
+def _image_bytes(raw: Any, i: int) -> bytes:
+    """Raw image bytes, or base64 / a data URL of them (JSON over HTTP cannot carry raw bytes)."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if data.startswith(b"data:"):
+        data = data.partition(b",")[2]
+    elif not _BASE64.fullmatch(data[:4096]):
+        return data
+    try:
+        return base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"images[{i}] is neither image bytes nor valid base64") from None
+
+
+def parse_request(
+    inputs: dict[str, np.ndarray], tokenizer: Tokenizer, defaults: dict[str, Any] | None = None
+) -> GenerateRequest:
+    """Check one request's inputs and build the prompt and sampling parameters.
+
+    `defaults` fill sampling fields the request leaves out (the checkpoint's generation_config:
+    temperature 0.6 and top_p 0.9 for Llama 4); then SamplingParams' own defaults apply.
+    """
+    unknown = set(inputs) - KNOWN_INPUTS
+    if unknown:
+        raise InvalidRequest(f"unknown inputs {sorted(unknown)}")
+    text = _string(inputs, "text_input")
+    messages_json = _string(inputs, "messages")
+    system = _string(inputs, "system_prompt")
+    images = [_image_bytes(v, i) for i, v in enumerate(_values(inputs, "images") or [])]
+    if len(images) > MAX_IMAGES:
+        raise InvalidRequest(f"{len(images)} images; at most {MAX_IMAGES} per request")
+    flags = {name: _flag(inputs, name) for name in _FLAGS}
+    try:
+        prompt, echo = _prompt(tokenizer, text, messages_json, system, images, flags["apply_chat_template"])
+    except (ImageError, ValueError) as e:
+        raise InvalidRequest(str(e)) from None
+    params = _sampling(inputs, defaults or {})
+    options = ResponseOptions(
+        stream=bool(flags["stream"]),
+        echo_text=None if flags["exclude_input_in_output"] in (None, True) else echo,
+        default_max_tokens="max_tokens" not in inputs,
+    )
+    return GenerateRequest(prompt, params, options)
+
+
+def fit_max_tokens(req: GenerateRequest, max_model_len: int) -> GenerateRequest:
+    """A default max_tokens shrinks to the context the prompt leaves; an explicit one is kept (and
+    refused by the engine if it does not fit)."""
+    room = max_model_len - len(req.prompt.token_ids)
+    if not req.options.default_max_tokens or req.params.max_tokens <= room or room < 1:
+        return req
+    params = dataclasses.replace(req.params, max_tokens=room, min_tokens=min(req.params.min_tokens, room))
+    return dataclasses.replace(req, params=params)
+
+
+def _flag(inputs: dict[str, np.ndarray], name: str) -> bool | None:
+    v = _scalar(inputs, name)
+    if v is not None and not isinstance(v, bool):
+        raise InvalidRequest(f"{name} must be a boolean, got {v!r}")
+    return v
+
+
+def _prompt(tokenizer, text, messages_json, system, images, chat) -> tuple[Prompt, str]:
+    if messages_json is not None:
+        if text is not None:
+            raise InvalidRequest("give either text_input or messages, not both")
+        try:
+            messages = json.loads(messages_json)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"messages is not valid JSON: {e}") from None
+        return build_chat_prompt(tokenizer, messages, images, system=system), messages_json
+    if text is None:
+        raise InvalidRequest("text_input (or messages) is required")
+    if not text.strip() and not images:
+        raise InvalidRequest("text_input is empty")
+    if chat:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        return build_chat_prompt(
+            tokenizer, [{"role": "user", "content": content}], images, system=system
+        ), text
+    if system is not None:
+        raise InvalidRequest("system_prompt needs messages or apply_chat_template=true")
+    if images and text.count("<|image|>") != len(images):
+        raise InvalidRequest(f"a raw prompt with {len(images)} images needs as many <|image|> placeholders")
+    return build_prompt(tokenizer, text, images), text
+
+
+def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any]) -> SamplingParams:
+    fields = {k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(SamplingParams)}}
+    fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    for name, field in _SCALARS.items():
+        v = _scalar(inputs, name)
+        if v is not None:
+            fields[field] = v
+    if (stop := _strings(inputs, "stop_words")) or "stop_words" in inputs:
+        fields["stop"] = tuple(stop)
+    if bad := _strings(inputs, "bad_words"):
+        fields["bad_words"] = tuple(bad)
+    end_id = _scalar(inputs, "end_id")
+    if end_id is not None:  # TensorRT-LLM: end_id replaces the model's end tokens
+        fields["stop_token_ids"] = (end_id,)
+        fields["ignore_eos"] = True
+    try:
+        return SamplingParams(**fields)
+    except SamplingParamsError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+# -- the wire format between the pipeline steps ----------------------------------------------------
+def to_tensors(req: GenerateRequest) -> dict[str, np.ndarray]:
+    """Batch-1 tensors for the `maverick` step."""
+    images = req.prompt.images
+    pixels = (
+        torch.cat([im.pixel_values for im in images]).numpy()
+        if images
+        else np.zeros((0, 3, 336, 336), dtype=np.float32)
+    )
+    meta = {"sampling": dataclasses.asdict(req.params), "options": dataclasses.asdict(req.options)}
+    return {
+        "input_ids": np.asarray([req.prompt.token_ids], dtype=np.int32),
+        "pixel_values": pixels[None].astype(np.float32, copy=False),
+        "image_tiles": np.asarray([[im.num_tiles for im in images]], dtype=np.int32),
+        "request": np.array([[json.dumps(meta).encode()]], dtype=object),
+    }
+
+
+def from_tensors(t: dict[str, np.ndarray]) -> GenerateRequest:
+    """Inverse of to_tensors (inputs with their batch dimension of 1)."""
+    try:
+        meta = json.loads(bytes(t["request"].reshape(-1)[0]).decode())
+        params = SamplingParams(**meta["sampling"])
+        options = ResponseOptions(**meta["options"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise InvalidRequest(f"malformed request tensor: {e}") from None
+    ids = t["input_ids"].reshape(-1).tolist()
+    tiles = t["image_tiles"].reshape(-1).tolist()
+    pixels = torch.from_numpy(np.ascontiguousarray(t["pixel_values"][0]))
+    if sum(tiles) != pixels.shape[0]:
+        raise InvalidRequest(
+            f"image_tiles add up to {sum(tiles)} but pixel_values has {pixels.shape[0]} tiles"
+        )
+    images = tuple(ImageInput.from_pixels(p) for p in pixels.split(tiles)) if tiles else ()
+    return GenerateRequest(Prompt(ids, images), params, options)

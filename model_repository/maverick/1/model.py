@@ -1,0 +1,148 @@
+"""Triton adapter for the engine: lifecycle and threads only.
+
+The engine runs on its own thread (AsyncEngine); this model runs an asyncio loop on another, where
+one coroutine per request streams the engine's outputs back through the request's response
+sender. execute() only schedules those coroutines. Every request ends with exactly one FINAL flag,
+also when it fails or is cancelled; a request that is cancelled (Triton's flag, polled) or whose
+responses can no longer be delivered is aborted in the engine, which frees its KV blocks.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import threading
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from maverick_metrics import EngineMetrics  # noqa: E402
+
+from maverick.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError  # noqa: E402
+from maverick.engine.llm_engine import RequestError  # noqa: E402
+from maverick.serving.engine_args import engine_config  # noqa: E402
+from maverick.serving.model_dir import project_root  # noqa: E402
+from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors  # noqa: E402
+
+INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
+CANCEL_POLL_S = 0.05
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
+        device_id = int(args.get("model_instance_device_id") or 0)
+        self.engine = AsyncEngine(engine_config(params, project_root(args["model_repository"]), device_id))
+        self.loop = asyncio.new_event_loop()
+        self.loop_thread = threading.Thread(
+            target=self.loop.run_forever, name="maverick-requests", daemon=True
+        )
+        self.loop_thread.start()
+        self.metrics = EngineMetrics(self.engine)
+        self.in_flight: set[asyncio.Future] = set()
+
+    def execute(self, requests):
+        for request in requests:
+            future = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            self.in_flight.add(future)
+            future.add_done_callback(self.in_flight.discard)
+        return None
+
+    def finalize(self):
+        for future in list(self.in_flight):
+            future.cancel()
+        self.engine.shutdown()
+        self.metrics.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop_thread.join(timeout=5)
+
+    # -- one request ---------------------------------------------------------------------------
+    async def _serve(self, request):
+        sender = request.get_response_sender()
+        try:
+            tensors = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in INPUTS}
+            req = fit_max_tokens(from_tensors(tensors), self.engine.engine.max_model_len)
+        except InvalidRequest as e:
+            return _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+        request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
+        watcher = asyncio.ensure_future(self._watch(request, request_id))
+        text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
+        try:
+            stream = self.engine.generate(request_id, req.prompt, req.params)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    self.metrics.observe(out)
+                    last = out
+                    if req.options.stream:
+                        _send(
+                            sender,
+                            _response(text[0] + out.text, out.token_ids, out, out.logprobs or []),
+                            out.finished,
+                        )
+                        text[0] = ""
+                    else:
+                        text.append(out.text)
+                        ids += out.token_ids
+                        logprobs += out.logprobs or []
+            if not req.options.stream:
+                _send(sender, _response("".join(text), ids, last, logprobs), True)
+        except (RequestError, InvalidRequest) as e:
+            _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+        except EngineOverloadedError as e:
+            _send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+        except EngineDeadError as e:
+            _send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+        except _Undeliverable:
+            pass  # the client is gone; aclosing() has aborted the engine request
+        except Exception as e:  # noqa: BLE001 - this request fails, the model keeps serving
+            _send_error(sender, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, request, request_id):
+        """Abort the engine request once Triton marks the request cancelled (client gone)."""
+        while not request.is_cancelled():
+            await asyncio.sleep(CANCEL_POLL_S)
+        self.engine.abort(request_id)
+
+
+class _Undeliverable(Exception):
+    """A response could not be sent: the request was cancelled or its client disconnected."""
+
+
+def _response(text, token_ids, out, logprobs):
+    finish = (out.finish_reason or "") if out is not None and out.finished else ""
+    error = out.error if out is not None else None
+    if error:
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))
+    return pb_utils.InferenceResponse(
+        [
+            pb_utils.Tensor("text", np.array([[text.encode()]], dtype=object)),
+            pb_utils.Tensor("token_ids", np.asarray([token_ids], dtype=np.int32).reshape(1, -1)),
+            pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=object)),
+            pb_utils.Tensor(
+                "num_input_tokens", np.array([[out.num_prompt_tokens if out else 0]], dtype=np.int32)
+            ),
+            pb_utils.Tensor("num_output_tokens", np.array([[len(token_ids)]], dtype=np.int32)),
+            pb_utils.Tensor(
+                "log_probs", np.asarray([[lp for lp in logprobs if lp is not None]], dtype=np.float32)
+            ),
+        ]
+    )
+
+
+def _send(sender, response, final: bool):
+    try:
+        sender.send(response, flags=FINAL if final else 0)
+    except Exception as e:  # noqa: BLE001 - e.g. the request was cancelled meanwhile
+        raise _Undeliverable(str(e)) from None
+
+
+def _send_error(sender, message, code):
+    with contextlib.suppress(Exception):
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)

@@ -1,0 +1,39 @@
+"""Triton adapter: request inputs -> prompt ids, image tiles and the request JSON (see
+maverick.serving.request). A bad request fails alone with INVALID_ARG."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from maverick.serving.model_dir import generation_defaults, resolve_model_dir  # noqa: E402
+from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_request, to_tensors  # noqa: E402
+from maverick.tokenizer import Tokenizer  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        model_dir = resolve_model_dir(config, args["model_repository"])
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.defaults = generation_defaults(model_dir)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            inputs = {}
+            for name in KNOWN_INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    inputs[name] = tensor.as_numpy()
+            try:
+                tensors = to_tensors(parse_request(inputs, self.tokenizer, self.defaults))
+            except InvalidRequest as e:
+                error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
+        return responses

@@ -1,0 +1,223 @@
+"""Start a real `tritonserver` on the model repository (what `make serve` runs).
+
+    python -m server.launch [--model-dir DIR] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
+                            [--engine key=value ...]
+
+Finds the server: the NGC container's `/opt/tritonserver`, else the one the `nvidia-pytriton`
+wheel carries (Triton 2.51), whose Python backend gets the stub built for the running Python.
+Renders the repository into `build/model_repository` with the checkpoint folder and engine
+settings written into the models' parameters (absolute paths), lets the stub see this Python's
+packages (MAVERICK_SITE_PACKAGES), and runs the server in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY = ROOT / "model_repository"
+NGC_SERVER = Path("/opt/tritonserver")
+MODELS_WITH_CHECKPOINT = ("preprocessing", "maverick")
+
+
+@dataclass(frozen=True)
+class Triton:
+    binary: Path
+    backend_dir: Path
+    lib_dirs: tuple[Path, ...] = ()
+
+
+@dataclass
+class ServeConfig:
+    model_dir: Path = ROOT / "models" / "tiny-maverick"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    engine: dict[str, str] = field(default_factory=dict)  # overrides of the maverick model's parameters
+    build_dir: Path = ROOT / "build"
+    log_verbose: int = 0
+
+
+def find_triton(build_dir: Path) -> Triton:
+    if (NGC_SERVER / "bin" / "tritonserver").is_file():
+        return Triton(NGC_SERVER / "bin" / "tritonserver", NGC_SERVER / "backends")
+    try:
+        import pytriton
+    except ImportError:
+        sys.exit("no tritonserver: not in the NGC container, and the nvidia-pytriton wheel is not installed")
+    pkg = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = pkg / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        sys.exit(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    backend = build_dir / "triton_backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for src in (
+        pkg / "backends" / "python" / "libtriton_python.so",
+        pkg / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        dst = backend / src.name
+        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+            shutil.copy2(src, dst)
+    libs = Path(pytriton.__file__).parents[1] / "nvidia_pytriton.libs"
+    return Triton(
+        pkg / "bin" / "tritonserver", backend.parent, (libs, Path(sysconfig.get_config_var("LIBDIR")))
+    )
+
+
+def _set_parameter(pbtxt: str, key: str, value: str) -> str:
+    """Set `parameters { key: KEY value: { string_value: ... } }`, adding the entry if absent."""
+    pattern = re.compile(
+        r'(parameters\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*")[^"]*(")'
+    )
+    if pattern.search(pbtxt):
+        return pattern.sub(lambda m: m.group(1) + value + m.group(2), pbtxt)
+    return pbtxt + f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+
+
+def render_repository(cfg: ServeConfig) -> Path:
+    """A copy of model_repository with this run's checkpoint and engine settings in it."""
+    out = cfg.build_dir / "model_repository"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(REPOSITORY, out, ignore=shutil.ignore_patterns("__pycache__"))
+    for model in MODELS_WITH_CHECKPOINT:
+        path = out / model / "config.pbtxt"
+        path.write_text(_set_parameter(path.read_text(), "model_dir", str(cfg.model_dir.resolve())))
+    path = out / "maverick" / "config.pbtxt"
+    text = path.read_text()
+    for key, value in cfg.engine.items():
+        text = _set_parameter(text, key, value)
+    path.write_text(text)
+    return out
+
+
+def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
+    triton = find_triton(cfg.build_dir)
+    repo = render_repository(cfg)
+    cmd = [
+        str(triton.binary),
+        f"--model-repository={repo}",
+        f"--backend-directory={triton.backend_dir}",
+        f"--http-port={cfg.http_port}",
+        f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-port={cfg.metrics_port}",
+        "--metrics-config=histogram_latencies=true",
+        "--allow-cpu-metrics=true",
+        f"--log-verbose={cfg.log_verbose}",
+        "--exit-timeout-secs=10",
+    ]
+    env = dict(os.environ)
+    env["MAVERICK_SITE_PACKAGES"] = os.pathsep.join(
+        dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    )
+    if triton.lib_dirs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, triton.lib_dirs), env.get("LD_LIBRARY_PATH", "")])
+    return cmd, env
+
+
+class RunningServer:
+    """A tritonserver in the background, for tests and scripts: started ready, stopped cleanly."""
+
+    def __init__(self, cfg: ServeConfig, log_path: Path, timeout: float = 180.0):
+        self.cfg = cfg
+        cmd, env = server_command(cfg)
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_ready(timeout, log_path)
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.cfg.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.cfg.grpc_port}"
+
+    def _wait_ready(self, timeout: float, log_path: Path) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({self.proc.returncode}); see {log_path}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s; see {log_path}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def _engine_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", type=Path, default=ServeConfig.model_dir)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument(
+        "--engine", type=_engine_arg, nargs="*", default=[], help="maverick engine settings, key=value"
+    )
+    ap.add_argument("--log-verbose", type=int, default=0)
+    args = ap.parse_args()
+    if not (args.model_dir / "config.json").is_file():
+        sys.exit(
+            f"{args.model_dir}: not a checkpoint directory (no config.json); "
+            "`make tiny-model` builds the default"
+        )
+    cfg = ServeConfig(
+        args.model_dir,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        dict(args.engine),
+        log_verbose=args.log_verbose,
+    )
+    cmd, env = server_command(cfg)
+    print(
+        f"serving {cfg.model_dir} with {cmd[0]}\n"
+        f"  HTTP    http://localhost:{cfg.http_port}  (POST /v2/models/ensemble/generate_stream)\n"
+        f"  gRPC    localhost:{cfg.grpc_port}\n"
+        f"  metrics http://localhost:{cfg.metrics_port}/metrics\n"
+        "Ctrl-C (or `make stop`) stops it.",
+        flush=True,
+    )
+    os.execvpe(cmd[0], cmd, env)
+
+
+if __name__ == "__main__":
+    main()
