@@ -1,38 +1,59 @@
-# Every target sets itself up on a fresh machine: the venv is created on first use.
+# Every target sets itself up on a fresh machine: the venv is created on first use. Inside the
+# NGC Triton container (/opt/tritonserver) the system Python is used instead, as its Python
+# backend stub embeds that interpreter.
 PYTHON ?= python3
+NGC := $(wildcard /opt/tritonserver/bin/tritonserver)
 VENV ?= .venv
-PY := $(VENV)/bin/python
-MODEL_DIR ?= models/tiny-maverick
+PY := $(if $(NGC),$(PYTHON),$(VENV)/bin/python)
+EXTRAS := $(if $(NGC),client,test)
+DEFAULT_MODEL := models/tiny-maverick
+MODEL_DIR ?= $(DEFAULT_MODEL)
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+ENGINE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tiny-model test lint format gpu-check clean
+.PHONY: help venv tiny-model serve stop test lint format gpu-check bench clean
 
 help:
+	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
+	@echo "make stop        stop it"
 	@echo "make test        lint + the whole test suite (CPU)"
 	@echo "make tiny-model  build the embedded default checkpoint into $(MODEL_DIR)"
 	@echo "make gpu-check   the tiny model and the FP8 path on CUDA against the CPU oracle"
+	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
 	@echo "make lint | format | clean"
 
-$(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	touch $@
+STAMP := $(if $(NGC),build/.installed-system,$(VENV)/.installed)
+$(STAMP): pyproject.toml constraints.txt
+	$(if $(NGC),,test -x $(PY) || $(PYTHON) -m venv $(VENV))
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	mkdir -p $(dir $@) && touch $@
 
-venv: $(VENV)/.installed
+venv: $(STAMP)
 
 # The tiny checkpoint is generated (seeded, deterministic), never committed.
-$(MODEL_DIR)/config.json: $(VENV)/.installed maverick/tiny.py maverick/tiny_tokenizer.py maverick/data/tokenizer_corpus.txt
-	$(PY) -m maverick.tiny $(MODEL_DIR)
+$(DEFAULT_MODEL)/config.json: $(STAMP) maverick/tiny.py maverick/tiny_tokenizer.py maverick/data/tokenizer_corpus.txt
+	$(PY) -m maverick.tiny $(DEFAULT_MODEL)
 
-tiny-model: $(MODEL_DIR)/config.json
+tiny-model: $(DEFAULT_MODEL)/config.json
+
+# The default checkpoint is built on first use; any other MODEL_DIR must already exist.
+serve: venv $(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),tiny-model)
+	$(PY) -m server.launch --model-dir $(MODEL_DIR) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--metrics-port $(METRICS_PORT) $(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS))
+
+stop:
+	-pkill -INT -f "[t]ritonserver --model-repository=$(CURDIR)/build/model_repository"
 
 lint: venv
-	$(PY) -m ruff check maverick tests scripts
-	$(PY) -m ruff format --check maverick tests scripts
+	$(PY) -m ruff check maverick tests scripts client server model_repository
+	$(PY) -m ruff format --check maverick tests scripts client server model_repository
 
 format: venv
-	$(PY) -m ruff format maverick tests scripts
-	$(PY) -m ruff check --fix maverick tests scripts
+	$(PY) -m ruff format maverick tests scripts client server model_repository
+	$(PY) -m ruff check --fix maverick tests scripts client server model_repository
 
 test: venv tiny-model lint
 	$(PY) -m pytest -q
@@ -40,5 +61,10 @@ test: venv tiny-model lint
 gpu-check: venv tiny-model
 	$(PY) scripts/gpu_check.py --model-dir $(MODEL_DIR)
 
+# Performance numbers come from here, never from timed tests. results/ is gitignored.
+BENCH_ARGS ?=
+bench: venv tiny-model
+	$(PY) scripts/bench_engine.py --model-dir $(MODEL_DIR) --out results/bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) models .pytest_cache .ruff_cache
+	rm -rf $(VENV) models results build .pytest_cache .ruff_cache

@@ -156,7 +156,11 @@ class GrpcClient:
 
         for name, value in {**fields, "stream": stream}.items():
             if name in ("text_input", "messages", "system_prompt"):
-                add(name, np.array([[value.encode()]], dtype=object), "BYTES")
+                add(
+                    name,
+                    np.array([[value.encode() if isinstance(value, str) else value]], dtype=object),
+                    "BYTES",
+                )
             elif name == "images":
                 add(name, np.array([value], dtype=object), "BYTES")
             elif name in LISTS:
@@ -169,7 +173,14 @@ class GrpcClient:
     def stream(self, *, request_id: str | None = None, stream: bool = True, **kwargs) -> Iterator[Chunk]:
         """Send one request on a gRPC stream and yield its responses. Closing the iterator early
         cancels the request on the server."""
-        fields = request_fields(**kwargs)
+        return self.stream_fields(request_fields(**kwargs), stream=stream, request_id=request_id)
+
+    def stream_fields(self, fields: dict[str, Any], *, stream: bool = True, request_id: str | None = None):
+        """Like stream(), from {input name: value} as they go on the wire."""
+        return self.stream_inputs(self._inputs(fields, stream), request_id=request_id)
+
+    def stream_inputs(self, inputs: list, *, request_id: str | None = None) -> Iterator[Chunk]:
+        """Like stream(), from tritonclient InferInputs."""
         responses: queue.Queue = queue.Queue()
         self.client.start_stream(
             callback=lambda result, error: responses.put((result, error, time.monotonic()))
@@ -178,7 +189,7 @@ class GrpcClient:
         try:
             self.client.async_stream_infer(
                 self.model,
-                self._inputs(fields, stream),
+                inputs,
                 request_id=request_id or uuid.uuid4().hex,
                 enable_empty_final_response=True,
             )
@@ -257,8 +268,12 @@ class HttpClient:
             raise ServerError(_error_text(e.read()), e.code) from None
 
     def generate(self, **kwargs) -> Result:
+        return self.generate_fields(request_fields(**kwargs))
+
+    def generate_fields(self, fields: dict[str, Any]) -> Result:
+        """`/generate` from {input name: value} as they go on the wire."""
         result = Result(start=time.monotonic())
-        with self._post("generate", {**request_fields(**kwargs), "stream": False}) as resp:
+        with self._post("generate", {**fields, "stream": False}) as resp:
             result.add(_chunk(json.loads(resp.read()), time.monotonic()))
         return result
 
@@ -277,6 +292,9 @@ class HttpClient:
 
 
 def _error_text(body: bytes) -> str:
+    body = body.strip()
+    if body.startswith(b"data:"):  # /generate_stream answers an early error as one SSE event
+        body = body[5:]
     try:
         return json.loads(body).get("error", body.decode(errors="replace"))
     except (ValueError, AttributeError):

@@ -118,6 +118,9 @@ def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
         "--allow-cpu-metrics=true",
         f"--log-verbose={cfg.log_verbose}",
         "--exit-timeout-secs=10",
+        # Python backend shared-memory regions are named by this prefix: two servers on one host
+        # must not share it.
+        f"--backend-config=python,shm-region-prefix-name=maverick_{cfg.http_port}_",
     ]
     env = dict(os.environ)
     env["MAVERICK_SITE_PACKAGES"] = os.pathsep.join(

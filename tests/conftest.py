@@ -35,3 +35,35 @@ def ours_fp32(tiny_ckpt):
     from maverick.checkpoint import load_model
 
     return load_model(tiny_ckpt, dtype=torch.float32, experts="dequant")
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_triton(model_dir, build):
+    from server.launch import RunningServer, ServeConfig
+
+    http, grpc, metrics = free_ports(3)
+    cfg = ServeConfig(
+        model_dir=model_dir, http_port=http, grpc_port=grpc, metrics_port=metrics, build_dir=build
+    )
+    return RunningServer(cfg, build / "server.log")
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_ckpt, tmp_path_factory):
+    """A real tritonserver serving the model repository on the tiny checkpoint, on free ports. It
+    must shut down cleanly afterwards: nothing may be left in flight."""
+    build = tmp_path_factory.mktemp("triton")
+    server = start_triton(tiny_ckpt, build)
+    yield server
+    assert server.stop() == 0, f"tritonserver did not exit cleanly; see {build / 'server.log'}"

@@ -156,7 +156,8 @@ def parse_request(
     text = _string(inputs, "text_input")
     messages_json = _string(inputs, "messages")
     system = _string(inputs, "system_prompt")
-    images = [_image_bytes(v, i) for i, v in enumerate(_values(inputs, "images") or [])]
+    raw_images = _values(inputs, "images")
+    images = [] if raw_images is None else [_image_bytes(v, i) for i, v in enumerate(raw_images)]
     if len(images) > MAX_IMAGES:
         raise InvalidRequest(f"{len(images)} images; at most {MAX_IMAGES} per request")
     flags = {name: _flag(inputs, name) for name in _FLAGS}

@@ -3,8 +3,10 @@
 The engine runs on its own thread (AsyncEngine); this model runs an asyncio loop on another, where
 one coroutine per request streams the engine's outputs back through the request's response
 sender. execute() only schedules those coroutines. Every request ends with exactly one FINAL flag,
-also when it fails or is cancelled; a request that is cancelled (Triton's flag, polled) or whose
-responses can no longer be delivered is aborted in the engine, which frees its KV blocks.
+also when it fails or is cancelled. The engine request is aborted (its KV blocks freed) when
+Triton marks the request cancelled (a direct call), when a response cannot be delivered, or when
+an `abort` request names it (how postprocessing passes on a cancelled ensemble request, and how a
+client can stop a request by its id).
 """
 
 import asyncio
@@ -45,6 +47,7 @@ class TritonPythonModel:
         self.loop_thread.start()
         self.metrics = EngineMetrics(self.engine)
         self.in_flight: set[asyncio.Future] = set()
+        self.live: dict[str, str] = {}  # engine request id -> Triton request id (request-loop thread only)
 
     def execute(self, requests):
         for request in requests:
@@ -64,12 +67,21 @@ class TritonPythonModel:
     # -- one request ---------------------------------------------------------------------------
     async def _serve(self, request):
         sender = request.get_response_sender()
+        abort = pb_utils.get_input_tensor_by_name(request, "abort")
+        if abort is not None:
+            return self._abort(bytes(abort.as_numpy().reshape(-1)[0]).decode(errors="replace"), sender)
         try:
-            tensors = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in INPUTS}
+            tensors = {}
+            for name in INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is None:
+                    raise InvalidRequest(f"input {name} is required (or abort)")
+                tensors[name] = tensor.as_numpy()
             req = fit_max_tokens(from_tensors(tensors), self.engine.engine.max_model_len)
         except InvalidRequest as e:
             return _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
+        self.live[request_id] = request.request_id()
         watcher = asyncio.ensure_future(self._watch(request, request_id))
         text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
         try:
@@ -81,7 +93,7 @@ class TritonPythonModel:
                     if req.options.stream:
                         _send(
                             sender,
-                            _response(text[0] + out.text, out.token_ids, out, out.logprobs or []),
+                            _response(request_id, text[0] + out.text, out.token_ids, out, out.logprobs or []),
                             out.finished,
                         )
                         text[0] = ""
@@ -90,7 +102,7 @@ class TritonPythonModel:
                         ids += out.token_ids
                         logprobs += out.logprobs or []
             if not req.options.stream:
-                _send(sender, _response("".join(text), ids, last, logprobs), True)
+                _send(sender, _response(request_id, "".join(text), ids, last, logprobs), True)
         except (RequestError, InvalidRequest) as e:
             _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         except EngineOverloadedError as e:
@@ -103,6 +115,15 @@ class TritonPythonModel:
             _send_error(sender, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
         finally:
             watcher.cancel()
+            self.live.pop(request_id, None)
+
+    def _abort(self, target: str, sender) -> None:
+        """Stop the engine requests named by their engine id or their Triton request id."""
+        for engine_id, triton_id in list(self.live.items()):
+            if target in (engine_id, triton_id):
+                self.engine.abort(engine_id)
+        with contextlib.suppress(Exception):
+            sender.send(flags=FINAL)
 
     async def _watch(self, request, request_id):
         """Abort the engine request once Triton marks the request cancelled (client gone)."""
@@ -115,7 +136,7 @@ class _Undeliverable(Exception):
     """A response could not be sent: the request was cancelled or its client disconnected."""
 
 
-def _response(text, token_ids, out, logprobs):
+def _response(request_id, text, token_ids, out, logprobs):
     finish = (out.finish_reason or "") if out is not None and out.finished else ""
     error = out.error if out is not None else None
     if error:
@@ -132,6 +153,7 @@ def _response(text, token_ids, out, logprobs):
             pb_utils.Tensor(
                 "log_probs", np.asarray([[lp for lp in logprobs if lp is not None]], dtype=np.float32)
             ),
+            pb_utils.Tensor("llm_request_id", np.array([[request_id.encode()]], dtype=object)),
         ]
     )
 

@@ -3,6 +3,11 @@
 Stateless. The text delta arrives already exact from the engine, which detokenizes
 incrementally anyway to match stop strings on text; here it only takes its public name, so a
 request's chunks concatenate to exactly the non-streamed text. One instance keeps chunk order.
+
+Cancellation: Triton's ensemble checks for a cancelled request only between steps, so the running
+`maverick` step never learns that its client left; the next postprocessing request it triggers
+arrives here cancelled, though. That request names the engine request (`llm_request_id`), and
+this model tells `maverick` to abort it, which frees its KV blocks within one engine step.
 """
 
 import os
@@ -10,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
+import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 RENAMES = {
@@ -26,9 +32,21 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            if request.is_cancelled():
+                # Answer normally all the same: an error here would leave the ensemble waiting for
+                # the decoupled step's final response forever (it counts the request in flight).
+                _abort(pb_utils.get_input_tensor_by_name(request, "llm_request_id").as_numpy())
             tensors = [
                 pb_utils.Tensor(public, pb_utils.get_input_tensor_by_name(request, name).as_numpy())
                 for name, public in RENAMES.items()
             ]
             responses.append(pb_utils.InferenceResponse(tensors))
         return responses
+
+
+def _abort(llm_request_id: np.ndarray) -> None:
+    """Ask the decoupled `maverick` model to stop the engine request (BLS; it answers one FINAL)."""
+    abort = pb_utils.Tensor("abort", llm_request_id.reshape(1, 1).astype(object))
+    request = pb_utils.InferenceRequest(model_name="maverick", inputs=[abort], requested_output_names=[])
+    for _ in request.exec(decoupled=True):
+        pass

@@ -1,0 +1,256 @@
+"""End to end through a real tritonserver (started by the `triton` fixture): every protocol path
+gives byte for byte what the engine gives directly; streams run concurrently; a cancelled stream
+stops its engine request; bad input fails alone with a clear error; metrics are exported."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import threading
+import time
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client.llm import GrpcClient, HttpClient, ServerError, request_fields
+from maverick.engine.llm_engine import LLMEngine
+from maverick.serving.engine_args import engine_config
+from maverick.serving.model_dir import generation_defaults
+from maverick.serving.request import fit_max_tokens, parse_request
+from maverick.tokenizer import Tokenizer
+from server.launch import REPOSITORY
+
+
+def png(h: int, w: int, seed: int) -> bytes:
+    import io
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+TEXT_CHAT = dict(
+    messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name three rivers and one fact about each."},
+    ],
+    max_tokens=24,
+    temperature=0.0,
+)
+IMAGE_CHAT = dict(
+    messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]}],
+    images=[png(400, 300, 0)],
+    max_tokens=20,
+    temperature=0.0,
+)
+
+
+def _numpy_inputs(fields: dict) -> dict[str, np.ndarray]:
+    """The request as the preprocessing model sees it (batch dimension 1)."""
+    out = {}
+    for name, value in fields.items():
+        if isinstance(value, str):
+            out[name] = np.array([[value.encode()]], dtype=object)
+        elif name == "images":
+            out[name] = np.array([value], dtype=object)
+        else:
+            out[name] = np.array([[value]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_ckpt):
+    """The engine on its own, configured exactly as the served `maverick` model."""
+    text = (REPOSITORY / "maverick" / "config.pbtxt").read_text()
+    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+    params["model_dir"] = str(tiny_ckpt)
+    engine = LLMEngine(engine_config(params, REPOSITORY.parent))
+    tokenizer = Tokenizer.from_dir(tiny_ckpt)
+    defaults = generation_defaults(tiny_ckpt)
+
+    def run(**kwargs) -> tuple[str, list[int]]:
+        req = parse_request(_numpy_inputs(request_fields(**kwargs)), tokenizer, defaults)
+        req = fit_max_tokens(req, engine.max_model_len)
+        engine.add_request("direct", req.prompt, req.params)
+        text, ids = "", []
+        while engine.has_unfinished():
+            for out in engine.step():
+                text += out.text
+                ids += out.token_ids
+        return text, ids
+
+    return run
+
+
+def _metrics(server) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://localhost:{server.cfg.metrics_port}/metrics").read().decode()
+    out = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@pytest.mark.parametrize("request_kwargs", [TEXT_CHAT, IMAGE_CHAT], ids=["text", "text+image"])
+def test_every_path_equals_the_engine_directly(triton, direct, request_kwargs):
+    want_text, want_ids = direct(**request_kwargs)
+    assert want_ids and len(want_ids) == request_kwargs["max_tokens"]
+    with GrpcClient(triton.grpc_url) as grpc:
+        chunks = list(grpc.stream(**request_kwargs))
+        assert "".join(c.text for c in chunks) == want_text
+        assert [t for c in chunks for t in c.token_ids] == want_ids
+        assert len(chunks) == len(want_ids)  # one response per engine step
+        unary = grpc.generate(stream=False, **request_kwargs)
+        assert (unary.text, unary.token_ids) == (want_text, want_ids)
+    http = HttpClient(triton.http_url)
+    whole = http.generate(**request_kwargs)
+    assert (whole.text, whole.token_ids) == (want_text, want_ids)
+    assert whole.finish_reason == "length" and whole.num_output_tokens == len(want_ids)
+    streamed = list(http.stream(**request_kwargs))
+    assert "".join(c.text for c in streamed) == want_text
+    assert sum(c.num_output_tokens for c in streamed) == len(want_ids)
+    assert streamed[-1].finish_reason == "length" and all(c.finish_reason is None for c in streamed[:-1])
+
+
+def test_sixteen_concurrent_streams(triton, direct):
+    prompts = [
+        f"Story {i}: once upon a time, a {['cat', 'ship', 'tree', 'clock'][i % 4]} " for i in range(16)
+    ]
+    fields = [dict(text=p, max_tokens=10 + i % 5, temperature=0.0) for i, p in enumerate(prompts)]
+    want = [direct(**f)[0] for f in fields]
+
+    def one(f):
+        with GrpcClient(triton.grpc_url) as c:
+            return "".join(chunk.text for chunk in c.stream(**f))
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, fields))
+    assert got == want
+
+
+def _wait_idle(server, timeout: float = 3.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(server)
+        if m["maverick_num_requests_running"] == 0 and m["maverick_kv_cache_blocks_used"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_cancelled_stream_stops_the_engine_request(triton, protocol):
+    _wait_idle(triton)  # the gauges lag by up to 0.5 s: start from a settled server
+    client = GrpcClient(triton.grpc_url) if protocol == "grpc" else HttpClient(triton.http_url)
+    stream = client.stream(text="Go on and on.", max_tokens=3000, temperature=0.0, ignore_eos=True)
+    try:
+        for i, _ in enumerate(stream):
+            if i == 4:
+                break
+        deadline = time.monotonic() + 3.0  # the metrics are sampled every 0.5 s
+        while (busy := _metrics(triton))["maverick_num_requests_running"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert busy["maverick_num_requests_running"] == 1 and busy["maverick_kv_cache_blocks_used"] > 0
+    finally:
+        stream.close()  # gRPC: stop_stream(cancel_requests=True); HTTP: the connection closes
+    idle = _wait_idle(triton)
+    assert idle["maverick_num_requests_running"] == 0 and idle["maverick_kv_cache_blocks_used"] == 0
+    assert idle["maverick_generation_tokens_total"] < busy["maverick_generation_tokens_total"] + 600
+
+
+def _tiny_png_header(w: int, h: int) -> bytes:
+    """A PNG that claims w x h pixels but carries almost no data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+# Raw request fields as they go on the wire (messages as JSON text), and what the error must say.
+BAD = [
+    (dict(text_input=""), "text_input is empty"),
+    (dict(text_input="word " * 5000), "prompt tokens (max_model_len"),
+    (dict(messages="[{"), "messages is not valid JSON"),
+    (dict(messages=json.dumps([{"role": "wizard", "content": "hi"}])), "unknown role"),
+    (dict(text_input="<|image|> hi", images=[b"\x00\x01 not an image at all"]), "image"),
+    (dict(text_input="<|image|> hi", images=[_tiny_png_header(20000, 20000)]), "pixels"),
+    (
+        dict(
+            messages=json.dumps([{"role": "user", "content": [{"type": "image"}] * 9}]),
+            images=[png(8, 8, 1)] * 9,
+        ),
+        "at most 8",
+    ),
+    (dict(text_input="hi", max_tokens=-5), "max_tokens"),
+    (dict(text_input="hi", max_tokens=10**7), "exceed the model's context"),
+    (dict(text_input="hi", temperature=-0.5), "temperature"),
+    (dict(text_input="hi", top_p=0.0), "top_p"),
+    (dict(text_input="hi", top_p=1.5), "top_p"),
+    (dict(text_input=b"\xff\xfe bad"), "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_fails_alone_with_a_clear_error(triton, fields, message):
+    if not isinstance(fields.get("text_input", ""), bytes):  # JSON cannot carry invalid UTF-8
+        with pytest.raises(ServerError) as info:
+            HttpClient(triton.http_url).generate_fields(fields)
+        assert info.value.status == 400 and message in info.value.message, info.value
+    with GrpcClient(triton.grpc_url) as c, pytest.raises(ServerError) as info:
+        list(c.stream_fields(fields))
+    assert message in info.value.message, info.value  # a gRPC stream carries the message, not a code
+    assert HttpClient(triton.http_url).generate(text="still serving?", max_tokens=3).num_output_tokens == 3
+
+
+def test_wrong_shape_is_refused(triton):
+    with pytest.raises(ServerError, match="batch size does not match") as info:
+        HttpClient(triton.http_url).generate_fields({"text_input": ["a", "b"], "max_tokens": 2})
+    assert info.value.status == 400
+    assert HttpClient(triton.http_url).generate(text="still serving?", max_tokens=2).num_output_tokens == 2
+
+
+def test_metrics_appear_and_move(triton):
+    before = _metrics(triton)
+    HttpClient(triton.http_url).generate(text="count me", max_tokens=5)
+    time.sleep(1.2)  # gauges and counters are sampled every 0.5 s
+    after = _metrics(triton)
+    assert after["maverick_generation_tokens_total"] >= before["maverick_generation_tokens_total"] + 5
+    assert after["maverick_prompt_tokens_total"] > before["maverick_prompt_tokens_total"]
+    assert (
+        after["maverick_time_to_first_token_seconds_count"]
+        > before["maverick_time_to_first_token_seconds_count"]
+    )
+    assert "maverick_kv_cache_blocks_free" in after and "maverick_num_requests_waiting" in after
+    assert (
+        after["maverick_inter_token_latency_seconds_count"]
+        > before["maverick_inter_token_latency_seconds_count"]
+    )
+    assert after['nv_inference_request_success{model="ensemble",version="1"}'] > before.get(
+        'nv_inference_request_success{model="ensemble",version="1"}', 0
+    )
+
+
+def test_requests_in_parallel_threads_do_not_block_each_other(triton):
+    """A long request must not hold back a short one that arrives after it (continuous batching)."""
+    long_done = threading.Event()
+
+    def long():
+        HttpClient(triton.http_url).generate(text="long", max_tokens=400, ignore_eos=True, temperature=0.0)
+        long_done.set()
+
+    t = threading.Thread(target=long)
+    t.start()
+    time.sleep(0.3)
+    short = HttpClient(triton.http_url).generate(text="short", max_tokens=3)
+    assert short.num_output_tokens == 3 and not long_done.is_set()
+    t.join()
