@@ -131,3 +131,46 @@ def test_bad_request_raises_at_once_and_engine_keeps_serving(engine, tiny_ckpt):
     assert engine.healthy()
     stats = engine.stats()
     assert stats["generated_tokens_total"] > 0 and "generation_tokens_per_s" in stats
+
+
+def test_overload_is_refused_fast(tiny_ckpt):
+    """Past max_num_waiting queued requests a new one is refused at once (UNAVAILABLE upstream)."""
+    from maverick.engine.async_engine import EngineOverloadedError
+
+    eng = AsyncEngine(
+        EngineConfig(
+            model_dir=str(tiny_ckpt),
+            dtype="float32",
+            experts="dequant",
+            num_kv_blocks=64,
+            max_num_seqs=1,
+            max_num_batched_tokens=16,
+            max_num_waiting=1,
+        )
+    )
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    params = SamplingParams(max_tokens=300, ignore_eos=True)
+
+    async def main():
+        running = eng.generate("running", _prompt(tok, 0), params)
+        await running.__anext__()  # admitted and generating: the only running slot
+        waiting = eng.generate("waiting", _prompt(tok, 1), params)
+        first = asyncio.ensure_future(waiting.__anext__())
+        for _ in range(200):
+            if eng.stats()["num_waiting"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert eng.stats()["num_waiting"] == 1
+        with pytest.raises(EngineOverloadedError, match="overloaded"):
+            await eng.generate("refused", _prompt(tok, 2), params).__anext__()
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await running.aclose()
+        await waiting.aclose()
+
+    try:
+        asyncio.run(main())
+        assert eng.healthy()
+    finally:
+        eng.shutdown()
