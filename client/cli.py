@@ -2,7 +2,7 @@
 
     python -m client chat "Describe this picture." --image cat.png --stream
     python -m client chat "Hi" --system "Answer in French." --protocol http
-    python -m client generate "<|begin_of_text|>Once upon a time" --max-tokens 32 --temperature 0
+    python -m client generate "Once upon a time" --max-tokens 32 --temperature 0
 
 Tokens are printed as they arrive (with --stream), then a one-line summary on stderr: prompt and
 generated tokens, time to first token, tokens/s.

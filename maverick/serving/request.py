@@ -213,7 +213,8 @@ def _prompt(tokenizer, text, messages_json, system, images, chat) -> tuple[Promp
         raise InvalidRequest("system_prompt needs messages or apply_chat_template=true")
     if images and text.count("<|image|>") != len(images):
         raise InvalidRequest(f"a raw prompt with {len(images)} images needs as many <|image|> placeholders")
-    return build_prompt(tokenizer, text, images), text
+    # A raw prompt gets one BOS, as transformers' tokenizer gives it, unless it brings its own.
+    return build_prompt(tokenizer, text, images, add_bos=not text.startswith("<|begin_of_text|>")), text
 
 
 def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any]) -> SamplingParams:
