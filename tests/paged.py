@@ -9,25 +9,15 @@ import random
 
 import torch
 
-from maverick.layers.attention import AttentionMetadata, allocate_kv_caches
+from maverick.layers.attention import AttentionMetadata
 from maverick.models.llama4 import Llama4Model
 
 
 class PagedDriver:
     def __init__(self, model: Llama4Model, num_blocks: int = 256, block_size: int = 16, seed: int = 0):
-        cfg = model.config.text
         self.model, self.block_size = model, block_size
-        device = model.language_model.lm_head.weight.device
-        self.device = device
-        self.kv_caches = allocate_kv_caches(
-            cfg.num_hidden_layers,
-            num_blocks,
-            block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            model.dtype,
-            device,
-        )
+        self.device = model.device
+        self.kv_caches = model.allocate_kv_caches(num_blocks, block_size)
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
         self.blocks: dict[str, list[int]] = {}

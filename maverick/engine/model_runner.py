@@ -15,7 +15,7 @@ import torch
 
 from maverick.engine.scheduler import SchedulerOutput
 from maverick.engine.sequence import Sequence
-from maverick.layers.attention import AttentionMetadata, allocate_kv_caches
+from maverick.layers.attention import AttentionMetadata
 from maverick.models.llama4 import Llama4Model
 
 
@@ -34,20 +34,11 @@ class ModelRunner:
     def __init__(
         self, model: Llama4Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None
     ):
-        cfg = model.config.text
         self.model = model
-        self.device = model.language_model.lm_head.weight.device
+        self.device = model.device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(
-            cfg.num_hidden_layers,
-            num_blocks,
-            block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            kv_dtype or model.dtype,
-            self.device,
-        )
+        self.kv_caches = model.allocate_kv_caches(num_blocks, block_size, kv_dtype)
 
     @staticmethod
     def kv_bytes_per_block(model: Llama4Model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from maverick.config import ModelConfig, TextConfig
-from maverick.layers.attention import AttentionMetadata, paged_attention, write_kv
+from maverick.layers.attention import AttentionMetadata, allocate_kv_caches, paged_attention, write_kv
 from maverick.layers.linear import MergedColumnLinear
 from maverick.layers.mlp import MLP
 from maverick.layers.moe import MoE
@@ -132,6 +132,25 @@ class Llama4Model(nn.Module):
         self.multi_modal_projector = MultiModalProjector(
             config.vision.vision_output_dim, config.text.hidden_size
         ).to(dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    def allocate_kv_caches(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """A paged KV cache for every layer, on the model's device."""
+        cfg = self.config.text
+        return allocate_kv_caches(
+            cfg.num_hidden_layers,
+            num_blocks,
+            block_size,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            dtype or self.dtype,
+            self.device,
+        )
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
