@@ -13,6 +13,7 @@ packages (MAVERICK_SITE_PACKAGES), and runs the server in the foreground.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -173,8 +174,12 @@ class RunningServer:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait()
+        # A server that gave up at its exit timeout can leave Python backend stubs behind (they
+        # hold GBs each): they share the server's process group, so end the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
         return self.proc.returncode
 
