@@ -131,8 +131,10 @@ def paged_attention(
     if decode is not None:
         S = decode.rows.shape[0]
         q_d = q[decode.rows].view(S, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
-        k_d = k_flat[decode.slots].to(q.dtype).transpose(1, 2)  # [S, Hkv, K, D]
-        v_d = v_flat[decode.slots].to(q.dtype).transpose(1, 2)
+        # index_select on the flattened slots: several times faster than 2-D advanced indexing
+        flat = decode.slots.reshape(-1)
+        k_d = k_flat.index_select(0, flat).view(S, -1, num_kv_heads, head_dim).to(q.dtype).transpose(1, 2)
+        v_d = v_flat.index_select(0, flat).view(S, -1, num_kv_heads, head_dim).to(q.dtype).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q_d, k_d, v_d, attn_mask=decode.mask, scale=scale
         )  # [S, Hkv, G, D]
@@ -142,8 +144,8 @@ def paged_attention(
         q_s = (
             q[p.start : p.start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         )  # [Hkv, G, n, D]
-        k_s = k_flat[p.slots].to(q.dtype).transpose(0, 1)[:, None]  # [Hkv, 1, K, D]
-        v_s = v_flat[p.slots].to(q.dtype).transpose(0, 1)[:, None]
+        k_s = k_flat.index_select(0, p.slots).to(q.dtype).transpose(0, 1)[:, None]  # [Hkv, 1, K, D]
+        v_s = v_flat.index_select(0, p.slots).to(q.dtype).transpose(0, 1)[:, None]
         o = F.scaled_dot_product_attention(
             q_s, k_s.expand(-1, group, -1, -1), v_s.expand(-1, group, -1, -1), attn_mask=p.mask, scale=scale
         )  # [Hkv, G, n, D]
