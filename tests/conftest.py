@@ -49,12 +49,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_triton(model_dir, build):
+def start_triton(model_dir, build, engine: dict[str, str] | None = None):
+    """A tritonserver on free ports; `engine` overrides the maverick model's engine settings."""
     from server.launch import RunningServer, ServeConfig
 
     http, grpc, metrics = free_ports(3)
     cfg = ServeConfig(
-        model_dir=model_dir, http_port=http, grpc_port=grpc, metrics_port=metrics, build_dir=build
+        model_dir=model_dir,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        build_dir=build,
+        engine=engine or {},
     )
     return RunningServer(cfg, build / "server.log")
 

@@ -254,3 +254,13 @@ def test_requests_in_parallel_threads_do_not_block_each_other(triton):
     short = HttpClient(triton.http_url).generate(text="short", max_tokens=3)
     assert short.num_output_tokens == 3 and not long_done.is_set()
     t.join()
+
+
+def test_exclude_input_in_output_false_puts_the_prompt_first(triton):
+    http = HttpClient(triton.http_url)
+    plain = http.generate(text="Echo me", max_tokens=4, temperature=0.0)
+    echoed = http.generate(text="Echo me", max_tokens=4, temperature=0.0, exclude_input_in_output=False)
+    assert echoed.text == "Echo me" + plain.text
+    with GrpcClient(triton.grpc_url) as c:
+        chunks = list(c.stream(text="Echo me", max_tokens=4, temperature=0.0, exclude_input_in_output=False))
+    assert chunks[0].text.startswith("Echo me") and "".join(ch.text for ch in chunks) == echoed.text
