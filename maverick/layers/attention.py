@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 @dataclass
 class DecodePlan:
-    """Batched keys for the sequences that bring one new token (decodes), padded to the longest."""
+    """Batched keys for decodes (sequences that bring one new token) of similar context length,
+    padded to the longest of them."""
 
     rows: torch.Tensor  # [S_d]: their rows in the flat batch
     slots: torch.Tensor  # [S_d, K]: cache slots of the keys each may see (padding points at slot 0)
@@ -47,7 +48,7 @@ class AttentionMetadata:
     block_size: int
     # Gather indices and masks, built lazily once per step per chunk size (None = full attention)
     # and shared by all layers of that kind.
-    _plans: dict[int | None, tuple[DecodePlan | None, list[PrefillPlan]]] = field(
+    _plans: dict[int | None, tuple[list[DecodePlan], list[PrefillPlan]]] = field(
         default_factory=dict, repr=False
     )
 
@@ -55,7 +56,7 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    def plan(self, chunk_size: int | None) -> tuple[DecodePlan | None, list[PrefillPlan]]:
+    def plan(self, chunk_size: int | None) -> tuple[list[DecodePlan], list[PrefillPlan]]:
         if chunk_size not in self._plans:
             self._plans[chunk_size] = self._build(chunk_size)
         return self._plans[chunk_size]
@@ -64,7 +65,7 @@ class AttentionMetadata:
         """First key position a sequence's queries may see: its chunk start, or 0."""
         return 0 if chunk_size is None else (first_q // chunk_size) * chunk_size
 
-    def _build(self, chunk_size: int | None) -> tuple[DecodePlan | None, list[PrefillPlan]]:
+    def _build(self, chunk_size: int | None) -> tuple[list[DecodePlan], list[PrefillPlan]]:
         device, bs = self.block_tables.device, self.block_size
         decode_idx, decode_rows, prefills = [], [], []
         row = 0
@@ -82,21 +83,41 @@ class AttentionMetadata:
                     mask &= (key_pos // chunk_size)[None, :] == (q_pos // chunk_size)[:, None]
                 prefills.append(PrefillPlan(row, n, slots, mask))
             row += n
-        if not decode_idx:
-            return None, prefills
-        totals = [self.seq_lens[s] for s in decode_idx]
-        starts = [self._key_window(t, t - 1, chunk_size) for t in totals]
-        width = max(t - k for t, k in zip(totals, starts, strict=True))
-        idx = torch.tensor(decode_idx, device=device)
-        total_t = torch.tensor(totals, device=device)[:, None]
-        key_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(
+        windows = []  # (decode index, first key position, total) of each decode
+        for s_i in decode_idx:
+            total = self.seq_lens[s_i]
+            windows.append((s_i, self._key_window(total, total - 1, chunk_size), total))
+        rows = dict(zip(decode_idx, decode_rows, strict=True))
+        return [self._decode_group(g, rows) for g in _length_groups(windows)], prefills
+
+    def _decode_group(self, group: list[tuple[int, int, int]], rows: dict[int, int]) -> DecodePlan:
+        device, bs = self.block_tables.device, self.block_size
+        width = max(total - start for _, start, total in group)
+        idx = torch.tensor([s for s, _, _ in group], device=device)
+        total_t = torch.tensor([t for _, _, t in group], device=device)[:, None]
+        key_pos = torch.tensor([k for _, k, _ in group], device=device)[:, None] + torch.arange(
             width, device=device
-        )  # [S_d, K]
-        valid = key_pos < total_t
+        )
+        valid = key_pos < total_t  # [S_d, K]
         key_pos = torch.where(valid, key_pos, 0)
         slots = self.block_tables[idx].gather(1, key_pos // bs).long() * bs + key_pos % bs
-        decode = DecodePlan(torch.tensor(decode_rows, device=device), slots, valid[:, None, None, :])
-        return decode, prefills
+        return DecodePlan(
+            torch.tensor([rows[s] for s, _, _ in group], device=device), slots, valid[:, None, None, :]
+        )
+
+
+def _length_groups(windows: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Decodes grouped so that each is padded to at most twice its own key count: one padded
+    batch per group instead of all padded to the longest (full-attention layers see contexts of
+    very different lengths; chunked layers mostly one group)."""
+    ordered = sorted(windows, key=lambda w: w[2] - w[1], reverse=True)
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in ordered:
+        if groups and 2 * (w[2] - w[1]) >= groups[-1][0][2] - groups[-1][0][1]:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    return groups
 
 
 def write_kv(
@@ -127,8 +148,8 @@ def paged_attention(
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
-    decode, prefills = meta.plan(chunk_size)
-    if decode is not None:
+    decodes, prefills = meta.plan(chunk_size)
+    for decode in decodes:
         S = decode.rows.shape[0]
         q_d = q[decode.rows].view(S, num_kv_heads, group, head_dim)  # [S, Hkv, G, D]
         # index_select on the flattened slots: several times faster than 2-D advanced indexing
