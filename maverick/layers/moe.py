@@ -51,8 +51,11 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H] (already scaled by the router); expert_ids [T] -> [T, H].
 
-        Tokens are grouped by expert so each expert runs one matmul over its tokens.
+        Tokens are grouped by expert: float experts run as two batched matmuls over all experts
+        (groups padded to the largest), FP8 experts one `_scaled_mm` pair per expert with tokens.
         """
+        if not self.fp8:
+            return self._batched(x, expert_ids)
         out = torch.zeros_like(x)
         order = torch.argsort(expert_ids, stable=True)
         counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
@@ -62,6 +65,22 @@ class RoutedExperts(nn.Module):
                 rows = order[start : start + n]
                 out[rows] = self.expert(e, x[rows])
                 start += n
+        return out
+
+    def _batched(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        T, H = x.shape
+        order = torch.argsort(expert_ids, stable=True)  # [T]: tokens grouped by expert
+        counts = torch.bincount(expert_ids, minlength=self.num_experts)  # [E]
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_ids = expert_ids[order]
+        slot = torch.arange(T, device=x.device) - starts[sorted_ids]  # position within its group
+        capacity = int(counts.max())
+        grouped = x.new_zeros(self.num_experts, capacity, H)  # [E, C, H]
+        grouped[sorted_ids, slot] = x[order]
+        gate, up = torch.bmm(grouped, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, C, I] each
+        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, C, H]
+        out = torch.empty_like(x)
+        out[order] = y[sorted_ids, slot]
         return out
 
 
