@@ -14,7 +14,7 @@ METRICS_PORT ?= 8002
 ENGINE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tiny-model serve stop test lint format gpu-check bench clean
+.PHONY: help venv tiny-model serve stop test lint format gpu-check bench loadtest clean
 
 help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
@@ -23,6 +23,7 @@ help:
 	@echo "make tiny-model  build the embedded default checkpoint into $(MODEL_DIR)"
 	@echo "make gpu-check   the tiny model and the FP8 path on CUDA against the CPU oracle"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
+	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
 	@echo "make lint | format | clean"
 
 STAMP := $(if $(NGC),build/.installed-system,$(VENV)/.installed)
@@ -48,12 +49,12 @@ stop:
 	-pkill -INT -f "[t]ritonserver --model-repository=$(CURDIR)/build/model_repository"
 
 lint: venv
-	$(PY) -m ruff check maverick tests scripts client server model_repository
-	$(PY) -m ruff format --check maverick tests scripts client server model_repository
+	$(PY) -m ruff check maverick tests scripts client server model_repository loadtest
+	$(PY) -m ruff format --check maverick tests scripts client server model_repository loadtest
 
 format: venv
-	$(PY) -m ruff format maverick tests scripts client server model_repository
-	$(PY) -m ruff check --fix maverick tests scripts client server model_repository
+	$(PY) -m ruff format maverick tests scripts client server model_repository loadtest
+	$(PY) -m ruff check --fix maverick tests scripts client server model_repository loadtest
 
 test: venv tiny-model lint
 	$(PY) -m pytest -q
@@ -65,6 +66,20 @@ gpu-check: venv tiny-model
 BENCH_ARGS ?=
 bench: venv tiny-model
 	$(PY) scripts/bench_engine.py --model-dir $(MODEL_DIR) --out results/bench $(BENCH_ARGS)
+
+# Headless Locust against a running server (`make serve` elsewhere): summary, chart and a pass/fail
+# exit status from the thresholds in LOADTEST_ARGS (--max-error-rate, --max-p99-ttft,
+# --min-tokens-per-s); a sweep with LOADTEST_ARGS="--max-users 32". See `python -m loadtest --help`.
+LOADTEST_HOST ?= localhost
+LOADTEST_PROTOCOL ?= grpc
+USERS ?= 4
+DURATION ?= 30s
+WORKLOAD ?= chat
+LOADTEST_ARGS ?=
+loadtest: venv
+	$(PY) -m loadtest --host $(LOADTEST_HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--protocol $(LOADTEST_PROTOCOL) --users $(USERS) --duration $(DURATION) --workload $(WORKLOAD) \
+		$(if $(wildcard $(MODEL_DIR)/tokenizer.json),--tokenizer $(MODEL_DIR)) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) models results build .pytest_cache .ruff_cache

@@ -1,0 +1,286 @@
+"""The README's performance record: the concurrency sweep through Triton, the same workload sent to
+the engine directly, side by side, and where the CPU goes.
+
+    python -m loadtest.record [--levels 1,2,4,8,16,32] [--duration 25] [--warmup 5] [--workload chat]
+                              [--model-dir models/tiny-maverick] [--out results/loadtest/record]
+
+1. Starts a tritonserver on the checkpoint (free ports, its own build folder), as `make serve` would.
+2. `python -m loadtest` sweeps the levels over gRPC streaming (the primary protocol).
+3. Diagnostics at the top level, to split the overhead: the same over HTTP /generate_stream, and
+   over gRPC with stream=false (one response per request instead of one per token).
+4. Stops the server, then `python -m loadtest.engine_direct` runs the same workload file and levels.
+5. Writes record.md / record.json (both sides per level, the overhead in %, CPU use per process)
+   and chart.png (both sides).
+
+Meanwhile it samples the CPU time of every process involved (tritonserver, each Python backend
+stub, the Locust process, the direct engine) twice a second; per level, a process's cores are its
+CPU seconds over the level's wall time. The load generator shares the machine with the server: its
+share is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from loadtest import report
+from loadtest.__main__ import _cpu_name, seconds
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("preprocessing", "maverick", "postprocessing")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def role(proc: psutil.Process) -> str | None:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except (psutil.Error, OSError):
+        return None
+    for step in STEPS:
+        if f"model_repository/{step}/1/model.py" in cmd:
+            return f"stub:{step}"
+    if "bin/tritonserver" in cmd:
+        return "tritonserver"
+    if "-m locust" in cmd:
+        return "locust"
+    if "loadtest.engine_direct" in cmd:
+        return "engine direct"
+    return None
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds (user + system) of every process below the given roots, by role, over time."""
+
+    def __init__(self, period: float = 0.5):
+        super().__init__(daemon=True)
+        self.period, self.roots = period, []
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        last: dict[int, tuple[str, float]] = {}  # pid -> (role, CPU seconds when last seen)
+        while not self._done.is_set():
+            procs = me.children(recursive=True) + [
+                psutil.Process(p) for p in self.roots if psutil.pid_exists(p)
+            ]
+            for proc in procs:
+                name = role(proc)
+                try:
+                    t = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                if name is not None:
+                    last[proc.pid] = (name, t.user + t.system)
+            cpu: dict[str, float] = {}
+            for name, seconds_ in last.values():  # processes that exited keep their last count
+                cpu[name] = cpu.get(name, 0.0) + seconds_
+            self.samples.append((time.time(), cpu))
+            self._done.wait(self.period)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+    def at(self, wall: float) -> dict[str, float]:
+        """CPU seconds by role at a wall time (the nearest sample at or after it)."""
+        for t, cpu in self.samples:
+            if t >= wall:
+                return cpu
+        return self.samples[-1][1] if self.samples else {}
+
+    def cores(self, start: float, end: float) -> dict[str, float]:
+        a, b = self.at(start), self.at(end)
+        return {k: (b[k] - a.get(k, 0.0)) / (end - start) for k in sorted(b)} if end > start else {}
+
+
+def level_windows(records: Path, hold: float) -> list[tuple[int, float, float]]:
+    """(level, start wall, end wall) from a run's level records: while it was held, not the drain."""
+    levels = report.read_records(records)[1]
+    starts = [lv["wall"] for lv in levels] + [math.inf]
+    return [(lv["level"], starts[i], min(starts[i + 1], starts[i] + hold)) for i, lv in enumerate(levels)]
+
+
+def run(cmd: list[str], log: Path) -> int:
+    print("$", " ".join(cmd[1:]), flush=True)
+    with open(log, "w") as f:
+        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", default="1,2,4,8,16,32")
+    ap.add_argument("--duration", type=seconds, default=25.0, help="per level")
+    ap.add_argument("--warmup", type=seconds, default=5.0)
+    ap.add_argument("--workload", default="chat")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-maverick")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "record")
+    ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
+    args = ap.parse_args(argv)
+    from server.launch import RunningServer, ServeConfig
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    levels = [int(x) for x in args.levels.split(",")]
+    top = levels[-1]
+    common = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--workload", args.workload]
+    common += ["--tokenizer", str(args.model_dir)]
+    sampler = CpuSampler()
+    sampler.start()
+
+    http, grpc, metrics = free_ports(3)
+    build = out / "server"  # not build/: a `make serve` may be running from there
+    build.mkdir(parents=True, exist_ok=True)
+    cfg = ServeConfig(args.model_dir, http, grpc, metrics, build_dir=build)
+    print(f"starting tritonserver on {args.model_dir} (HTTP {http}, gRPC {grpc})", flush=True)
+    server = RunningServer(cfg, cfg.build_dir / "server.log")
+    sampler.roots = [server.proc.pid]
+    target = ["--http-port", str(http), "--grpc-port", str(grpc)]
+    runs = {"triton grpc": (out / "triton-grpc", ["--levels", args.levels])}
+    if args.diagnostics:
+        runs["triton http"] = (out / f"triton-http-{top}", ["--levels", str(top), "--protocol", "http"])
+        runs["triton grpc stream=false"] = (
+            out / f"triton-grpc-nostream-{top}",
+            ["--levels", str(top), "--no-stream"],
+        )
+    rcs = {}
+    try:
+        for name, (path, extra) in runs.items():
+            path.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "loadtest", *target, *common, *extra, "--out", str(path)]
+            if name == "triton grpc":
+                cmd += ["--protocol", "grpc"]
+            rcs[name] = run(cmd, path / "run.log")
+    finally:
+        server_rc = server.stop()
+    direct = out / "direct"
+    direct.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "loadtest.engine_direct",
+           "--workload-file", str(out / "triton-grpc" / "workload.json"), "--levels", args.levels,
+           "--duration", str(args.duration), "--warmup", str(args.warmup),
+           "--model-dir", str(args.model_dir), "--out", str(direct)]  # fmt: skip
+    rcs["engine direct"] = run(cmd, direct / "run.log")
+    sampler.stop()
+
+    summaries, cpu = {}, {}
+    for name, path in [*((n, p) for n, (p, _) in runs.items()), ("engine direct", direct)]:
+        summaries[name] = json.loads((path / "summary.json").read_text())
+        cpu[name] = {
+            level: sampler.cores(start + args.warmup, end)
+            for level, start, end in level_windows(path / "records.jsonl", args.duration)
+        }
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "git": _git(),
+        "levels": levels,
+        "level_time_s": args.duration,
+        "warmup_s": args.warmup,
+        "workload": summaries["triton grpc"]["workload"],
+        "exit_codes": {**rcs, "tritonserver": server_rc},
+        "summaries": summaries,
+        "cpu_cores": {k: {str(lv): c for lv, c in v.items()} for k, v in cpu.items()},
+    }
+    (out / "record.json").write_text(json.dumps(record, indent=2))
+    text = record_markdown(record)
+    (out / "record.md").write_text(text)
+    report.chart(
+        {"Triton (gRPC stream)": summaries["triton grpc"], "engine direct": summaries["engine direct"]},
+        out / "chart.png",
+    )
+    print(text)
+    failed = {k: v for k, v in record["exit_codes"].items() if v != 0}
+    if failed:
+        print(f"FAIL: non-zero exit codes {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _git() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def _by_level(summary: dict) -> dict[int, dict]:
+    return {lv["level"]: lv for lv in summary["levels"]}
+
+
+def _ms(v) -> str:
+    return "–" if v is None else f"{v * 1e3:.1f}"
+
+
+def record_markdown(rec: dict) -> str:
+    tri, dire = _by_level(rec["summaries"]["triton grpc"]), _by_level(rec["summaries"]["engine direct"])
+    w = rec["workload"]
+    lines = [
+        f"{rec['machine']['cpu']}, {rec['machine']['cores']} cores, CPU only; {rec['date']}, "
+        f"git {rec['git']}. Embedded tiny checkpoint, served config (float32). Workload `{w['preset']}`: "
+        f"input {w['input_len']} tokens, output {w['output_len']} tokens (ignore_eos), temperature "
+        f"{w['temperature']}; closed loop, each level held {rec['level_time_s']:g} s, the first "
+        f"{rec['warmup_s']:g} s not measured. "
+        "Triton: gRPC streaming from Locust on the same machine. Times in ms.",
+        "",
+        "| users | Triton tok/s | direct tok/s | overhead | Triton req/s | direct req/s "
+        "| TTFT p50 T / D | TTFT p99 T / D | ITL p50 T / D | ITL p99 T / D | errors T / D |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in rec["levels"]:
+        t, d = tri.get(level), dire.get(level)
+        if t is None or d is None:
+            continue
+        dt, tt = d["output_tokens_per_s"], t["output_tokens_per_s"]
+        overhead = f"{(1 - tt / dt) * 100:.0f}%" if dt else "–"
+        lines.append(
+            f"| {level} | {tt:.1f} | {dt:.1f} | {overhead} "
+            f"| {t['requests_per_s']:.2f} | {d['requests_per_s']:.2f} "
+            f"| {_ms(t['ttft_s']['p50'])} / {_ms(d['ttft_s']['p50'])} "
+            f"| {_ms(t['ttft_s']['p99'])} / {_ms(d['ttft_s']['p99'])} "
+            f"| {_ms(t['itl_s']['p50'])} / {_ms(d['itl_s']['p50'])} "
+            f"| {_ms(t['itl_s']['p99'])} / {_ms(d['itl_s']['p99'])} | {t['errors']} / {d['errors']} |"
+        )
+    roles = ["stub:maverick", "tritonserver", "stub:preprocessing", "stub:postprocessing", "locust"]
+    lines += [
+        "",
+        "CPU cores in use per process (CPU seconds / wall seconds over each level after its warm-up):",
+        "",
+        "| run | users | out tok/s | "
+        + " | ".join(r.replace("stub:", "") for r in roles)
+        + " | engine direct |",
+        "|---|---:|---:|" + "---:|" * (len(roles) + 1),
+    ]
+    for name, per_level in rec["cpu_cores"].items():
+        summary = _by_level(rec["summaries"][name])
+        for level, cores in per_level.items():
+            tps = summary.get(int(level), {}).get("output_tokens_per_s", 0.0)
+            cells = " | ".join(f"{cores.get(r, 0.0):.2f}" for r in [*roles, "engine direct"])
+            lines.append(f"| {name} | {level} | {tps:.1f} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The load test (loadtest/): a short Locust run over gRPC and HTTP against the session's
+tritonserver passes with every LLM metric; an impossible threshold or a server that is not there
+turns its exit status non-zero; the report's arithmetic is exact on known records. Locust runs as
+a subprocess (gevent must not patch this interpreter). No timing is asserted beyond "measured"."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_ports
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # loadtest/ is a folder of scripts next to the packages, not installed
+from loadtest import report, sse, workload  # noqa: E402
+from loadtest.__main__ import levels_from, parser  # noqa: E402
+
+SMALL = ["--input-len", "uniform:16:64", "--output-len", "fixed:12"]
+
+
+def loadtest(http: int, grpc: int, out: Path, *args: str, model_dir=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "loadtest", "--http-port", str(http), "--grpc-port", str(grpc)]
+    cmd += ["--out", str(out), *SMALL, *args]
+    if model_dir is not None:
+        cmd += ["--tokenizer", str(model_dir)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _ports(triton) -> tuple[int, int]:
+    return triton.cfg.http_port, triton.cfg.grpc_port
+
+
+def test_smoke_run_over_grpc_and_http_passes_with_every_metric(triton, tmp_path):
+    proc = loadtest(
+        *_ports(triton), tmp_path, "--protocol", "both", "--users", "4", "--duration", "15",
+        model_dir=triton.cfg.model_dir,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["passed"] and summary["total_errors"] == 0 and summary["user_exceptions"] == 0
+    [level] = summary["levels"]
+    assert level["level"] == 4 and level["errors"] == 0 and level["requests"] >= 8
+    assert level["output_tokens_per_s"] > 0 and level["requests_per_s"] > 0
+    assert level["mean_output_tokens"] == 12 and level["mean_input_tokens"] > 16
+    for key in ("ttft_s", "itl_s", "e2e_s"):
+        p = level[key]
+        assert all(math.isfinite(p[q]) and p[q] > 0 for q in ("p50", "p90", "p99")), (key, p)
+        assert p["p50"] <= p["p90"] <= p["p99"]
+
+    requests, levels = report.read_records(tmp_path / "records.jsonl")
+    assert [lv["level"] for lv in levels] == [4]
+    assert {r["protocol"] for r in requests} == {"grpc", "http"}
+    assert all(r["ok"] and r["output_tokens"] == 12 and r["responses"] == 12 for r in requests)
+    # Locust saw the requests, by protocol, without failures. (Its CSV is a snapshot it rewrites
+    # every second, so the last second's requests may be missing there; the records are exact.)
+    stats = (tmp_path / "locust_stats.csv").read_text().splitlines()
+    rows = {line.split(",")[0]: line.split(",") for line in stats[1:]}
+    assert {"grpc", "http"} <= set(rows) and all(rows[p][3] == "0" for p in ("grpc", "http"))
+    assert 0 < int(rows["grpc"][2]) + int(rows["http"][2]) <= len(requests)
+    assert (tmp_path / "locust.html").stat().st_size > 0
+    assert "| 4 |" in (tmp_path / "summary.md").read_text()
+    with Image.open(tmp_path / "chart.png") as chart:
+        chart.verify()
+        assert chart.format == "PNG" and chart.size[0] > 500
+
+
+def test_an_impossible_threshold_fails_the_run(triton, tmp_path):
+    proc = loadtest(
+        *_ports(triton), tmp_path, "--users", "1", "--duration", "4",
+        "--max-p99-ttft", "1ms", "--min-tokens-per-s", "1e9", model_dir=triton.cfg.model_dir,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "p99 TTFT" in proc.stderr and "output tokens/s <" in proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert not summary["passed"] and summary["total_errors"] == 0  # it ran fine, it was just too slow
+
+
+def test_a_server_that_is_not_there_fails_the_run(tmp_path):
+    http, grpc = free_ports(2)  # nothing listens there
+    proc = loadtest(http, grpc, tmp_path, "--protocol", "both", "--users", "2", "--duration", "3")
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    [level] = summary["levels"]
+    assert level["requests"] == 0 and level["errors"] > 0 and level["error_rate"] == 1.0
+    assert any("refused" in m.lower() or "unavailable" in m.lower() for m in level["error_messages"])
+    assert "error rate 100.0%" in proc.stderr
+
+
+# -- the arithmetic, on records written by hand ------------------------------------------------------
+def _record(t_send, ttft, latency, tokens, ok=True, warmup=False, level=2):
+    return {
+        "type": "request", "protocol": "grpc", "level": level, "warmup": warmup, "t_send": t_send,
+        "late": 0.0, "ok": ok, "error": None if ok else "boom", "ttft": ttft if ok else None,
+        "latency": latency, "output_tokens": tokens if ok else 0, "input_tokens": 10, "responses": tokens,
+        "max_tokens": tokens,
+    }  # fmt: skip
+
+
+def test_report_metrics_are_exact(tmp_path):
+    records = [
+        {"type": "level", "level": 2, "t": 0.0, "wall": 0.0},
+        _record(0.0, 0.5, 9.0, 100, warmup=True),  # sent during warm-up: not measured
+        _record(1.0, 0.1, 1.1, 11),  # ITL (1.1 - 0.1) / 10 = 0.1
+        _record(2.0, 0.3, 2.3, 21),  # ITL 0.1
+        _record(2.5, 0.2, 3.2, 6),  # ITL 0.6; last response at 5.7
+        _record(3.0, None, 0.4, 0, ok=False),
+    ]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    [lv] = report.summarize(path)["levels"]
+    assert lv["requests"] == 3 and lv["errors"] == 1 and lv["error_rate"] == 0.2
+    assert lv["duration_s"] == pytest.approx(4.7)  # first measured send 1.0 -> last response 5.7
+    assert lv["output_tokens_per_s"] == pytest.approx(38 / 4.7)
+    assert lv["requests_per_s"] == pytest.approx(3 / 4.7)
+    assert lv["ttft_s"]["p50"] == pytest.approx(0.2) and lv["ttft_s"]["p90"] == pytest.approx(0.28)
+    assert lv["itl_s"]["p50"] == pytest.approx(0.1) and lv["itl_s"]["p99"] == pytest.approx(
+        np.percentile([0.1, 0.1, 0.6], 99)
+    )
+    assert lv["e2e_s"]["mean"] == pytest.approx((1.1 + 2.3 + 3.2) / 3)
+
+    assert report.verdict(report.summarize(path), report.Thresholds(max_error_rate=0.25)) == []
+    problems = report.verdict(
+        report.summarize(path), report.Thresholds(0.1, max_p99_ttft_s=0.1, min_output_tokens_per_s=10)
+    )
+    assert len(problems) == 3 and "error rate 20.0% > 10.0%" in problems[0]
+
+
+def test_sweep_levels_and_length_specs():
+    assert levels_from(parser().parse_args(["--max-users", "32"])) == [1, 2, 4, 8, 16, 32]
+    assert levels_from(parser().parse_args(["--max-users", "24"])) == [1, 2, 4, 8, 16, 24]
+    assert levels_from(parser().parse_args(["--users", "3"])) == [3]
+    rng = np.random.default_rng(0)
+    assert workload.draw_lengths("fixed:7", 3, rng, "input") == [7, 7, 7]
+    assert set(workload.draw_lengths("uniform:2:4", 200, rng, "input")) == {2, 3, 4}
+    drawn = workload.draw_lengths("sharegpt:300", 2000, rng, "output")
+    assert min(drawn) >= 4 and max(drawn) == 300 and 120 < np.median(drawn) < 180
+    for bad in ("fixed", "uniform:5:2", "normal:3", "fixed:x"):
+        with pytest.raises(ValueError, match="length spec"):
+            workload.draw_lengths(bad, 1, rng, "input")
+
+
+def test_workloads_are_seeded_and_cut_to_token_counts(tiny_ckpt):
+    spec = workload.preset("vision", input_len="fixed:40", num_requests=8, seed=3)
+    a, b = workload.build(spec, tiny_ckpt), workload.build(spec, tiny_ckpt)
+    assert a == b and len(a["images"]) == workload.NUM_IMAGES
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
+    for request in a["requests"]:
+        fields = workload.request_fields(a, request)
+        assert fields["max_tokens"] == 32 and fields["ignore_eos"] is True
+        content = request["messages"][1]["content"]
+        text = content[-1]["text"] if isinstance(content, list) else content
+        passage = text.split("\n\n", 1)[1]
+        assert abs(len(tok.encode(passage, add_special_tokens=False).ids) - 40) <= 2
+        assert ("images" in fields) == (request["image"] is not None)
+
+
+def test_server_sent_events_split_shared_and_an_error_after_the_200():
+    chunks = [
+        b'data: {"num_output_tokens": 1}\n\ndata: {"num_out',  # one whole event, half of the next
+        b'put_tokens": 2}\n\n',
+        b": keep-alive\n\n",
+        b'data: {"error": "engine step failed"}\n\n',  # the stream fails after its 200
+        b'data: {"num_output_tokens": 9}\n\n',
+    ]
+    got = []
+    with pytest.raises(sse.ServerError, match="engine step failed"):
+        for event in sse.events(chunks):
+            got.append(event["num_output_tokens"])
+    assert got == [1, 2]
+    assert sse.error_text(b'data: {"error":"max_tokens must be >= 1"}\n\n') == "max_tokens must be >= 1"
+    assert sse.error_text(b"Bad Gateway") == "Bad Gateway"
