@@ -21,44 +21,22 @@ import argparse
 import asyncio
 import itertools
 import json
-import re
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from loadtest import report, workload
 from loadtest.__main__ import seconds
+from server.launch import engine_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
 
 
-def served_parameters(model_dir: Path, overrides: dict[str, str]) -> dict[str, str]:
-    """The `maverick` model's engine parameters as Triton gives them to it."""
-    text = (REPOSITORY / "maverick" / "config.pbtxt").read_text()
-    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
-    return {**params, "model_dir": str(model_dir.resolve()), **overrides}
-
-
-def numpy_inputs(fields: dict) -> dict[str, np.ndarray]:
-    """The request as the preprocessing model receives it (batch dimension 1)."""
-    out = {}
-    for name, value in fields.items():
-        if isinstance(value, str):
-            out[name] = np.array([[value.encode()]], dtype=object)
-        elif name == "images":
-            out[name] = np.array([value], dtype=object)
-        else:
-            out[name] = np.array([[value]])
-    return out
-
-
 class DirectRun:
     def __init__(self, engine, tokenizer, defaults, load: dict, records_path: Path, warmup: float):
-        from maverick.serving.request import fit_max_tokens, parse_request
+        from maverick.serving.request import fit_max_tokens, numpy_inputs, parse_request
 
         self._parse = lambda fields: fit_max_tokens(
             parse_request(numpy_inputs(fields), tokenizer, defaults), engine.engine.max_model_len
@@ -166,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from maverick.serving.model_dir import generation_defaults
     from maverick.tokenizer import Tokenizer
 
-    params = served_parameters(args.model_dir, dict(kv.split("=", 1) for kv in args.engine))
+    params = engine_parameters(args.model_dir, dict(kv.split("=", 1) for kv in args.engine))
     config = engine_config(params, ROOT)
     engine = AsyncEngine(config)
     levels = [int(x) for x in args.levels.split(",")]

@@ -88,6 +88,14 @@ def _set_parameter(pbtxt: str, key: str, value: str) -> str:
     return pbtxt + f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
 
 
+def engine_parameters(model_dir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The `maverick` model's engine parameters as Triton hands them to it for this checkpoint:
+    what tests and benchmarks use to run the engine directly, configured exactly as served."""
+    text = (REPOSITORY / "maverick" / "config.pbtxt").read_text()
+    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+    return {**params, "model_dir": str(Path(model_dir).resolve()), **(overrides or {})}
+
+
 def render_repository(cfg: ServeConfig) -> Path:
     """A copy of model_repository with this run's checkpoint and engine settings in it."""
     out = cfg.build_dir / "model_repository"

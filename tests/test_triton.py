@@ -5,7 +5,6 @@ stops its engine request; bad input fails alone with a clear error; metrics are 
 from __future__ import annotations
 
 import json
-import re
 import struct
 import threading
 import time
@@ -21,9 +20,9 @@ from client.llm import GrpcClient, HttpClient, ServerError, request_fields
 from maverick.engine.llm_engine import LLMEngine
 from maverick.serving.engine_args import engine_config
 from maverick.serving.model_dir import generation_defaults
-from maverick.serving.request import fit_max_tokens, parse_request
+from maverick.serving.request import fit_max_tokens, numpy_inputs, parse_request
 from maverick.tokenizer import Tokenizer
-from server.launch import REPOSITORY
+from server.launch import REPOSITORY, engine_parameters
 
 
 def png(h: int, w: int, seed: int) -> bytes:
@@ -51,31 +50,15 @@ IMAGE_CHAT = dict(
 )
 
 
-def _numpy_inputs(fields: dict) -> dict[str, np.ndarray]:
-    """The request as the preprocessing model sees it (batch dimension 1)."""
-    out = {}
-    for name, value in fields.items():
-        if isinstance(value, str):
-            out[name] = np.array([[value.encode()]], dtype=object)
-        elif name == "images":
-            out[name] = np.array([value], dtype=object)
-        else:
-            out[name] = np.array([[value]])
-    return out
-
-
 @pytest.fixture(scope="module")
 def direct(tiny_ckpt):
     """The engine on its own, configured exactly as the served `maverick` model."""
-    text = (REPOSITORY / "maverick" / "config.pbtxt").read_text()
-    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
-    params["model_dir"] = str(tiny_ckpt)
-    engine = LLMEngine(engine_config(params, REPOSITORY.parent))
+    engine = LLMEngine(engine_config(engine_parameters(tiny_ckpt), REPOSITORY.parent))
     tokenizer = Tokenizer.from_dir(tiny_ckpt)
     defaults = generation_defaults(tiny_ckpt)
 
     def run(**kwargs) -> tuple[str, list[int]]:
-        req = parse_request(_numpy_inputs(request_fields(**kwargs)), tokenizer, defaults)
+        req = parse_request(numpy_inputs(request_fields(**kwargs)), tokenizer, defaults)
         req = fit_max_tokens(req, engine.max_model_len)
         engine.add_request("direct", req.prompt, req.params)
         text, ids = "", []

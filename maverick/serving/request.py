@@ -238,6 +238,20 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any]) -> Sampli
         raise InvalidRequest(str(e)) from None
 
 
+def numpy_inputs(fields: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Plain request fields ({input name: value}) as the preprocessing model receives them
+    (batch dimension 1): for running the same request through the engine directly."""
+    out = {}
+    for name, value in fields.items():
+        if isinstance(value, str):
+            out[name] = np.array([[value.encode()]], dtype=object)
+        elif name in ("images", "stop_words", "bad_words"):
+            out[name] = np.array([[v.encode() if isinstance(v, str) else v for v in value]], dtype=object)
+        else:
+            out[name] = np.array([[value]])
+    return out
+
+
 # -- the wire format between the pipeline steps ----------------------------------------------------
 def to_tensors(req: GenerateRequest) -> dict[str, np.ndarray]:
     """Batch-1 tensors for the `maverick` step."""
