@@ -30,7 +30,9 @@ from maverick.serving.model_dir import project_root  # noqa: E402
 from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors  # noqa: E402
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
-CANCEL_POLL_S = 0.05
+# Triton's cancelled flag is only set for direct calls (the ensemble passes cancellation on through
+# postprocessing's `abort`); each poll is a round trip to tritonserver, so not too often.
+CANCEL_POLL_S = 0.5
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
