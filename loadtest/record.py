@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -39,16 +38,6 @@ from loadtest.__main__ import _cpu_name, seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("preprocessing", "maverick", "postprocessing")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def role(proc: psutil.Process) -> str | None:
@@ -137,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "record")
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
     args = ap.parse_args(argv)
-    from server.launch import RunningServer, ServeConfig
+    from server.launch import RunningServer, ServeConfig, free_ports
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -48,6 +49,17 @@ class ServeConfig:
     engine: dict[str, str] = field(default_factory=dict)  # overrides of the maverick model's parameters
     build_dir: Path = ROOT / "build"
     log_verbose: int = 0
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on this host right now (for servers started by tests and scripts)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def find_triton(build_dir: Path) -> Triton:

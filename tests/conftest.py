@@ -37,16 +37,7 @@ def ours_fp32(tiny_ckpt):
     return load_model(tiny_ckpt, dtype=torch.float32, experts="dequant")
 
 
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from server.launch import free_ports  # noqa: E402  (re-exported for the test modules)
 
 
 def start_triton(model_dir, build, engine: dict[str, str] | None = None):
