@@ -58,13 +58,13 @@ class TextAttention(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q heads, then k heads, then v heads: q and k rotate as one tensor
+        qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        elif self.temperature_tuning:
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        if self.temperature_tuning:
             q = (q * attn_temperature(positions, self.floor_scale, self.attn_scale)[:, None, None]).to(
                 q.dtype
             )
