@@ -2,14 +2,17 @@
 the engine directly, side by side, and where the CPU goes.
 
     python -m loadtest.record [--levels 1,2,4,8,16,32] [--duration 25] [--warmup 5] [--workload chat]
-                              [--model-dir models/tiny-maverick] [--out results/loadtest/record]
+                              [--top-repeats 2] [--model-dir models/tiny-maverick]
+                              [--out results/loadtest/record]
 
 1. Starts a tritonserver on the checkpoint (free ports, its own build folder), as `make serve` would.
 2. `python -m loadtest` sweeps the levels over gRPC streaming (the primary protocol).
 3. Diagnostics at the top level, to split the overhead: the same over HTTP /generate_stream, and
    over gRPC with stream=false (one response per request instead of one per token).
 4. Stops the server, then `python -m loadtest.engine_direct` runs the same workload file and levels.
-5. Writes record.md / record.json (both sides per level, the overhead in %, CPU use per process)
+5. Repeats 1. to 4. --top-repeats more times at the top level only (a shared machine drifts
+   between minutes: one pair is not enough to state the overhead).
+6. Writes record.md / record.json (both sides per level, the overhead in %, CPU use per process)
    and chart.png (both sides).
 
 Meanwhile it samples the CPU time of every process involved (tritonserver, each Python backend
@@ -25,6 +28,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -116,6 +120,48 @@ def run(cmd: list[str], log: Path) -> int:
         return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
+def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, Path], dict[str, int]]:
+    """One paired measurement: a fresh tritonserver swept over `levels` (plus the diagnostics at
+    the top level), stopped, then the same workload file on the engine directly. Returns each
+    run's folder and the exit codes."""
+    from server.launch import RunningServer, ServeConfig, free_ports
+
+    top = levels.split(",")[-1]
+    common = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--workload", args.workload]
+    common += ["--tokenizer", str(args.model_dir)]
+    http, grpc, metrics = free_ports(3)
+    build = out / "server"  # not build/: a `make serve` may be running from there
+    build.mkdir(parents=True, exist_ok=True)
+    cfg = ServeConfig(args.model_dir, http, grpc, metrics, build_dir=build)
+    print(f"starting tritonserver on {args.model_dir} (HTTP {http}, gRPC {grpc})", flush=True)
+    server = RunningServer(cfg, cfg.build_dir / "server.log")
+    args.sampler.roots = [server.proc.pid]
+    target = ["--http-port", str(http), "--grpc-port", str(grpc)]
+    runs = {"triton grpc": (out / "triton-grpc", ["--levels", levels, "--protocol", "grpc"])}
+    if diagnostics:
+        runs["triton http"] = (out / f"triton-http-{top}", ["--levels", top, "--protocol", "http"])
+        runs["triton grpc stream=false"] = (
+            out / f"triton-grpc-nostream-{top}",
+            ["--levels", top, "--no-stream"],
+        )
+    rcs = {}
+    try:
+        for name, (path, extra) in runs.items():
+            path.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "loadtest", *target, *common, *extra, "--out", str(path)]
+            rcs[name] = run(cmd, path / "run.log")
+    finally:
+        rcs["tritonserver"] = server.stop()
+    direct = out / "direct"
+    direct.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "loadtest.engine_direct",
+           "--workload-file", str(out / "triton-grpc" / "workload.json"), "--levels", levels,
+           "--duration", str(args.duration), "--warmup", str(args.warmup),
+           "--model-dir", str(args.model_dir), "--out", str(direct)]  # fmt: skip
+    rcs["engine direct"] = run(cmd, direct / "run.log")
+    return {**{n: p for n, (p, _) in runs.items()}, "engine direct": direct}, rcs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default="1,2,4,8,16,32")
@@ -125,59 +171,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-maverick")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "record")
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
+    ap.add_argument(
+        "--top-repeats",
+        type=int,
+        default=2,
+        help="extra paired runs (fresh server, then direct) at the top level: on a shared machine one "
+        "pair is not enough to state the overhead",
+    )
     args = ap.parse_args(argv)
-    from server.launch import RunningServer, ServeConfig, free_ports
-
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
     top = levels[-1]
-    common = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--workload", args.workload]
-    common += ["--tokenizer", str(args.model_dir)]
-    sampler = CpuSampler()
-    sampler.start()
-
-    http, grpc, metrics = free_ports(3)
-    build = out / "server"  # not build/: a `make serve` may be running from there
-    build.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(args.model_dir, http, grpc, metrics, build_dir=build)
-    print(f"starting tritonserver on {args.model_dir} (HTTP {http}, gRPC {grpc})", flush=True)
-    server = RunningServer(cfg, cfg.build_dir / "server.log")
-    sampler.roots = [server.proc.pid]
-    target = ["--http-port", str(http), "--grpc-port", str(grpc)]
-    runs = {"triton grpc": (out / "triton-grpc", ["--levels", args.levels])}
-    if args.diagnostics:
-        runs["triton http"] = (out / f"triton-http-{top}", ["--levels", str(top), "--protocol", "http"])
-        runs["triton grpc stream=false"] = (
-            out / f"triton-grpc-nostream-{top}",
-            ["--levels", str(top), "--no-stream"],
-        )
-    rcs = {}
-    try:
-        for name, (path, extra) in runs.items():
-            path.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "loadtest", *target, *common, *extra, "--out", str(path)]
-            if name == "triton grpc":
-                cmd += ["--protocol", "grpc"]
-            rcs[name] = run(cmd, path / "run.log")
-    finally:
-        server_rc = server.stop()
-    direct = out / "direct"
-    direct.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "loadtest.engine_direct",
-           "--workload-file", str(out / "triton-grpc" / "workload.json"), "--levels", args.levels,
-           "--duration", str(args.duration), "--warmup", str(args.warmup),
-           "--model-dir", str(args.model_dir), "--out", str(direct)]  # fmt: skip
-    rcs["engine direct"] = run(cmd, direct / "run.log")
-    sampler.stop()
+    args.sampler = CpuSampler()
+    args.sampler.start()
+    paths, rcs = measure(args, out, args.levels, args.diagnostics)
+    pairs = [(paths["triton grpc"], paths["engine direct"])]
+    for i in range(args.top_repeats):
+        extra, extra_rcs = measure(args, out / f"repeat-{i + 1}", str(top), False)
+        pairs.append((extra["triton grpc"], extra["engine direct"]))
+        rcs.update({f"{name} (repeat {i + 1})": rc for name, rc in extra_rcs.items()})
+    args.sampler.stop()
 
     summaries, cpu = {}, {}
-    for name, path in [*((n, p) for n, (p, _) in runs.items()), ("engine direct", direct)]:
+    for name, path in paths.items():
         summaries[name] = json.loads((path / "summary.json").read_text())
         cpu[name] = {
-            level: sampler.cores(start + args.warmup, end)
+            level: args.sampler.cores(start + args.warmup, end)
             for level, start, end in level_windows(path / "records.jsonl", args.duration)
         }
+    top_pairs = []
+    for tri, dire in pairs:
+        t, d = (_by_level(json.loads((p / "summary.json").read_text())).get(top) for p in (tri, dire))
+        if t and d:
+            top_pairs.append({"triton": t["output_tokens_per_s"], "direct": d["output_tokens_per_s"]})
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -186,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         "level_time_s": args.duration,
         "warmup_s": args.warmup,
         "workload": summaries["triton grpc"]["workload"],
-        "exit_codes": {**rcs, "tritonserver": server_rc},
+        "exit_codes": rcs,
         "summaries": summaries,
         "cpu_cores": {k: {str(lv): c for lv, c in v.items()} for k, v in cpu.items()},
+        "top_level_pairs": top_pairs,
     }
     (out / "record.json").write_text(json.dumps(record, indent=2))
     text = record_markdown(record)
@@ -252,6 +280,17 @@ def record_markdown(rec: dict) -> str:
             f"| {_ms(t['itl_s']['p50'])} / {_ms(d['itl_s']['p50'])} "
             f"| {_ms(t['itl_s']['p99'])} / {_ms(d['itl_s']['p99'])} | {t['errors']} / {d['errors']} |"
         )
+    pairs = rec.get("top_level_pairs") or []
+    if len(pairs) > 1:
+        overheads = sorted(1 - p["triton"] / p["direct"] for p in pairs)
+        runs = ", ".join(f"{p['triton']:.0f} / {p['direct']:.0f}" for p in pairs)
+        lines += [
+            "",
+            f"At {rec['levels'][-1]} users, {len(pairs)} paired runs (each: a fresh server, then the "
+            f"engine directly), Triton / direct tok/s: {runs}; overhead median "
+            f"{statistics.median(overheads) * 100:.0f}% (range {overheads[0] * 100:.0f}% to "
+            f"{overheads[-1] * 100:.0f}%).",
+        ]
     roles = ["stub:maverick", "tritonserver", "stub:preprocessing", "stub:postprocessing", "locust"]
     lines += [
         "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 
 import pytest
@@ -57,6 +58,33 @@ def test_concurrent_streams_equal_sequential(engine, tiny_ckpt):
         assert last_b.finished and last_b.finish_reason == "length" and last_b.num_output_tokens == 12
         assert text_b == tok.decode(ids_b, skip_special_tokens=True)
         assert last_b.first_token_time is not None and last_b.first_token_time >= last_b.arrival_time
+
+
+def test_a_slow_consumer_gets_the_queued_updates_merged(engine, tiny_ckpt):
+    """A caller that blocks its loop while the engine steps on receives fewer updates, each with
+    every token, text piece, log-prob and time that queued meanwhile, in order."""
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+
+    async def main():
+        fast = await _collect(engine, "fast", _prompt(tok, 3), params)
+        updates = []
+        async for out in engine.generate("slow", _prompt(tok, 3), params):
+            updates.append(out)
+            time.sleep(0.05)  # blocks the event loop: the engine thread keeps stepping
+        return fast, updates
+
+    (ids, text, _), updates = asyncio.run(main())
+    assert [t for u in updates for t in u.token_ids] == ids
+    assert "".join(u.text for u in updates) == text
+    assert len(updates) < len(ids) and max(len(u.token_ids) for u in updates) > 1
+    for u in updates:
+        assert len(u.logprobs) == len(u.token_ids) == len(u.token_times)
+    assert [u.num_output_tokens for u in updates] == list(
+        itertools.accumulate(len(u.token_ids) for u in updates)
+    )
+    assert updates[-1].finished and not any(u.finished for u in updates[:-1])
+    assert updates[-1].first_token_time == updates[0].token_times[0]
 
 
 def test_leaving_the_stream_aborts_and_frees_blocks(engine, tiny_ckpt):

@@ -5,6 +5,7 @@ stops its engine request; bad input fails alone with a clear error; metrics are 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import threading
 import time
@@ -89,7 +90,9 @@ def test_every_path_equals_the_engine_directly(triton, direct, request_kwargs):
         chunks = list(grpc.stream(**request_kwargs))
         assert "".join(c.text for c in chunks) == want_text
         assert [t for c in chunks for t in c.token_ids] == want_ids
-        assert len(chunks) == len(want_ids)  # one response per engine step
+        # at most one response per engine step, none empty (updates that queue while a response
+        # is being sent leave merged)
+        assert len(chunks) <= len(want_ids) and all(c.token_ids for c in chunks)
         unary = grpc.generate(stream=False, **request_kwargs)
         assert (unary.text, unary.token_ids) == (want_text, want_ids)
     http = HttpClient(triton.http_url)
@@ -218,6 +221,15 @@ def test_metrics_appear_and_move(triton):
         after["maverick_inter_token_latency_seconds_count"]
         > before["maverick_inter_token_latency_seconds_count"]
     )
+    for name in ("maverick_time_to_first_token_seconds", "maverick_inter_token_latency_seconds"):
+        buckets = sorted(
+            (float(key.split('le="')[1].split('"')[0]), value)
+            for key, value in after.items()
+            if key.startswith(f"{name}_bucket{{")
+        )
+        counts = [n for _, n in buckets]
+        assert buckets[-1][0] == math.inf and counts == sorted(counts)  # cumulative, +Inf last
+        assert counts[-1] == after[f"{name}_count"] > 0 and after[f"{name}_sum"] > 0
     assert after['nv_inference_request_success{model="ensemble",version="1"}'] > before.get(
         'nv_inference_request_success{model="ensemble",version="1"}', 0
     )

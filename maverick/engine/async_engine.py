@@ -7,14 +7,17 @@
 One thread owns the LLMEngine and runs its loop: take new requests and aborts from a queue, step,
 hand each output to the asyncio loop of the request's caller. The loop sleeps while there is no
 work. Requests are validated in the caller's thread, so a bad one raises `RequestError` at once.
-Closing the stream early (`async with contextlib.aclosing(stream)`, or cancelling the task that
-iterates it) aborts the request and frees its blocks at once; a stream merely abandoned is aborted
-when its event loop finalises it or closes.
+Each update carries the tokens of one step, or of several when the caller fell behind: updates
+queued meanwhile leave merged, so a slow consumer catches up instead of lagging more. Closing the
+stream early (`async with contextlib.aclosing(stream)`, or cancelling the task that iterates it)
+aborts the request and frees its blocks at once; a stream merely abandoned is aborted when its
+event loop finalises it or closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +43,30 @@ class EngineOverloadedError(RuntimeError):
 class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+
+
+def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive updates of one request as one: deltas joined, totals and state from `then`."""
+    logprobs = (
+        None
+        if first.logprobs is None and then.logprobs is None
+        else (first.logprobs or []) + (then.logprobs or [])
+    )
+    return dataclasses.replace(
+        then,
+        token_ids=first.token_ids + then.token_ids,
+        text=first.text + then.text,
+        logprobs=logprobs,
+        first_token_time=first.first_token_time
+        if first.first_token_time is not None
+        else then.first_token_time,
+        token_times=first.token_times + then.token_times,
+    )
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 class AsyncEngine:
@@ -77,11 +104,20 @@ class AsyncEngine:
             self._new.append(seq)
             self._wake.notify()
         finished = False
+        held: RequestOutput | BaseException | None = None  # taken from the queue, not yet handled
         try:
             while not finished:
-                item = await req.queue.get()
+                item, held = held if held is not None else await req.queue.get(), None
                 if isinstance(item, BaseException):
                     raise item
+                # Updates that queued while the caller was busy leave as one: a slow consumer
+                # (e.g. one Triton response per update) catches up instead of falling behind.
+                while not item.finished and not req.queue.empty():
+                    later = req.queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        held = later
+                        break
+                    item = _merge(item, later)
                 finished = item.finished
                 yield item
         finally:
@@ -128,14 +164,13 @@ class AsyncEngine:
                     try:
                         self.engine.add_sequence(seq)
                     except RequestError as e:
-                        self._deliver(seq.request_id, e)
+                        self._deliver([(seq.request_id, e)])
                 for request_id in aborts:
                     if (out := self.engine.abort(request_id)) is not None:
                         outputs.append(out)
                 if self.engine.has_unfinished():
                     outputs += self.engine.step()
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                self._deliver([(out.request_id, out) for out in outputs])
                 self._update_stats(outputs)
         except BaseException as e:  # noqa: BLE001 - report to every waiting caller, then stop
             log.exception("engine thread died")
@@ -145,19 +180,28 @@ class AsyncEngine:
                 EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "shut down")
             )
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand a step's outputs to their callers: one wake-up per event loop, not one per output."""
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]
+        ] = {}
         with self._lock:
-            req = self._requests.get(request_id)
-            if req is None:
-                return
-            if isinstance(item, BaseException) or item.finished:
-                del self._requests[request_id]
-        try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
-        except RuntimeError:  # the caller's event loop is closed: nobody listens any more
-            with self._lock:
-                if self._requests.pop(request_id, None) is not None:
-                    self._aborts.append(request_id)
+            for request_id, item in items:
+                req = self._requests.get(request_id)
+                if req is None:
+                    continue
+                if isinstance(item, BaseException) or item.finished:
+                    del self._requests[request_id]
+                by_loop.setdefault(req.loop, []).append((req.queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: none of its requests has a listener
+                with self._lock:
+                    for request_id, req in list(self._requests.items()):
+                        if req.loop is loop:
+                            del self._requests[request_id]
+                            self._aborts.append(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:

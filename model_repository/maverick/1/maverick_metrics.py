@@ -1,11 +1,17 @@
 """The engine's Prometheus metrics, served on Triton's metrics port next to nv_inference_*.
 
-Gauges and counters follow the engine's stats; the latency histograms are fed from samples the
-request coroutines only append to a list. A thread publishes both every half second: each metric
-call is a round trip to tritonserver, and one per token on the request loop measurably slowed
-streaming (see the README's performance record).
+Gauges and counters follow the engine's stats. The latency histograms (TTFT, inter-token latency)
+are counted here and published as their Prometheus series — `<name>_bucket{le="..."}`
+(cumulative), `<name>_sum`, `<name>_count` — each a Triton counter, so `histogram_quantile()` works
+on them as on any histogram. Not `Metric.observe()` per sample: every metric call is a round trip
+to tritonserver during which the stub holds the GIL (the binding does not release it), so one call
+per token stalled the engine thread and cost streaming throughput (see the README's performance
+record). A thread publishes everything every half second: a few dozen calls per period, whatever
+the load.
 """
 
+import bisect
+import math
 import threading
 
 import triton_python_backend_utils as pb_utils
@@ -43,15 +49,14 @@ class EngineMetrics:
             self.gauges[key] = self._family(name, doc, pb_utils.MetricFamily.GAUGE).Metric(labels={})
         for key, (name, doc) in _COUNTERS.items():
             self.counters[key] = self._family(name, doc, pb_utils.MetricFamily.COUNTER).Metric(labels={})
-        hist = pb_utils.MetricFamily.HISTOGRAM
-        self.ttft = self._family("maverick_time_to_first_token_seconds", "Time to first token", hist).Metric(
-            labels={}, buckets=TTFT_BUCKETS
+        self.ttft = LatencyHistogram(
+            self._family, "maverick_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS
         )
-        self.itl = self._family("maverick_inter_token_latency_seconds", "Time between tokens", hist).Metric(
-            labels={}, buckets=ITL_BUCKETS
+        self.itl = LatencyHistogram(
+            self._family, "maverick_inter_token_latency_seconds", "Time between tokens", ITL_BUCKETS
         )
         self._previous: dict[str, float] = {}  # request id -> time of its last token (request loop only)
-        self._samples: list[tuple[object, float]] = []  # (histogram, value) not yet published
+        self._samples: list[tuple[LatencyHistogram, float]] = []  # not yet counted (metrics thread)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="maverick-metrics", daemon=True)
         self._thread.start()
@@ -84,7 +89,9 @@ class EngineMetrics:
         while not self._stop.wait(STATS_PERIOD_S):
             samples, self._samples = self._samples, []
             for histogram, value in samples:
-                histogram.observe(value)
+                histogram.count(value)
+            self.ttft.publish()
+            self.itl.publish()
             stats = self.engine.stats()
             for key, gauge in self.gauges.items():
                 gauge.set(float(stats.get(key, 0)))
@@ -97,3 +104,37 @@ class EngineMetrics:
     def close(self):
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+class LatencyHistogram:
+    """A Prometheus histogram counted in this process and published as its counter series."""
+
+    def __init__(self, family, name: str, doc: str, bounds: list[float]):
+        self.bounds = [*bounds, math.inf]
+        counter = pb_utils.MetricFamily.COUNTER
+        buckets = family(f"{name}_bucket", f"{doc}: samples <= le (cumulative)", counter)
+        self.buckets = [buckets.Metric(labels={"le": _le(b)}) for b in self.bounds]
+        self.sum = family(f"{name}_sum", f"{doc}: sum of the samples", counter).Metric(labels={})
+        self.total = family(f"{name}_count", f"{doc}: number of samples", counter).Metric(labels={})
+        self.new = [0] * len(self.bounds)  # samples per bucket (not cumulative) since the last publish
+        self.new_sum = 0.0
+
+    def count(self, value: float) -> None:
+        self.new[bisect.bisect_left(self.bounds, value)] += 1
+        self.new_sum += value
+
+    def publish(self) -> None:
+        if not any(self.new):
+            return
+        cumulative = 0
+        for metric, n in zip(self.buckets, self.new, strict=True):
+            cumulative += n
+            if cumulative:
+                metric.increment(cumulative)
+        self.total.increment(cumulative)
+        self.sum.increment(self.new_sum)
+        self.new, self.new_sum = [0] * len(self.bounds), 0.0
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
