@@ -21,7 +21,7 @@ help:
 	@echo "make stop        stop it"
 	@echo "make test        lint + the whole test suite (CPU)"
 	@echo "make tiny-model  build the embedded default checkpoint into $(MODEL_DIR)"
-	@echo "make gpu-check   the tiny model and the FP8 path on CUDA against the CPU oracle"
+	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
 	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
 	@echo "make lint | format | clean"

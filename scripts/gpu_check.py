@@ -1,10 +1,12 @@
-"""GPU check: the tiny model and the FP8 `_scaled_mm` path on CUDA against the CPU oracle.
+"""GPU check: the tiny model and the FP8 `_scaled_mm` path on CUDA against the CPU oracle, and the
+fixed-shape decode path (Triton kernels, CUDA graphs) against the reference path.
 
     make gpu-check                      # or: python scripts/gpu_check.py --model-dir models/tiny-maverick
 
 The CPU oracle is our fp32 model with dequantized experts, which tests/test_model.py holds equal to
-transformers' Llama 4. Prints errors and timings and writes them to results/gpu_check.json.
-`--device cpu` runs the same script without a GPU (to check the script itself).
+transformers' Llama 4. The decode-path checks are in scripts/decode_path_check.py. Prints errors and
+timings and writes them to results/gpu_check.json. `--device cpu` runs the same script without a GPU
+(to check the script itself); the checks that need CUDA say so and are skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from decode_path_check import check_decode_path  # noqa: E402
 from paged import PagedDriver  # noqa: E402
 
 from maverick.checkpoint import load_model  # noqa: E402
@@ -123,6 +126,7 @@ def main() -> None:
     compare_models(args.model_dir, device, report)
     if fp8_supported(device):
         bench_fp8_linear(device, report)
+    check_decode_path(args.model_dir, device, report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

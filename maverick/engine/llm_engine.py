@@ -17,7 +17,7 @@ import torch
 
 from maverick.checkpoint import ExpertMode, load_model
 from maverick.engine.block_manager import BlockManager
-from maverick.engine.model_runner import ModelRunner
+from maverick.engine.model_runner import DecodePath, ModelRunner
 from maverick.engine.sampler import SamplingState, sample
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
@@ -49,6 +49,12 @@ class EngineConfig:
     max_num_waiting: int = 256  # more queued requests than this are refused (overload), not buffered
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    # Pure-decode steps: "reference" (host-planned attention, grouped MoE, like prefill), "static"
+    # (fixed shapes through Triton kernels, eagerly; needs CUDA, or TRITON_INTERPRET=1 on the CPU) or
+    # "cuda_graph" (the same, replayed from CUDA graphs per batch-size bucket; the reference path off
+    # CUDA). "reference" by default until the fixed-shape path is validated on a GPU: that is what
+    # scripts/gpu_check.py checks.
+    decode_path: DecodePath = "reference"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -96,13 +102,20 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         mcfg = self.model.config
         num_blocks = config.num_kv_blocks or self._num_kv_blocks()
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.max_model_len = min(
+            config.max_model_len or mcfg.text.max_position_embeddings, mcfg.text.max_position_embeddings
+        )
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            config.block_size,
+            decode_path=config.decode_path,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
-        )
-        self.max_model_len = min(
-            config.max_model_len or mcfg.text.max_position_embeddings, mcfg.text.max_position_embeddings
         )
         self.vocab_size = mcfg.text.vocab_size
         self.eos_ids = frozenset(self.tokenizer.stop_ids) | frozenset(mcfg.text.eos_token_ids)
@@ -117,9 +130,12 @@ class LLMEngine:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * self.config.gpu_memory_utilization)
-        if budget < per_block:
-            raise ValueError(f"no room for a single KV block ({per_block} bytes; {budget} available)")
-        return budget // per_block
+        # the runner allocates one block more: the scratch block of fixed-shape decode batches
+        if budget < 2 * per_block:
+            raise ValueError(
+                f"no room for a KV block and the scratch block ({per_block} bytes each; {budget} available)"
+            )
+        return budget // per_block - 1
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, **kwargs) -> LLMEngine:

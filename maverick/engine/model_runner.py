@@ -4,19 +4,35 @@ The only engine code that touches the device. For each scheduled sequence it tak
 tokens (a prefill chunk or one decode token), their positions and cache slots, the sequence's
 block table, and the image-embedding rows of any `<|patch|>` tokens among them (an image is
 encoded once, when its first patch enters a chunk, and dropped when its last one has).
+
+Two paths, chosen per step by `decode_path`:
+- "reference": every step through the reference forward (host-planned attention, grouped MoE);
+- "static" / "cuda_graph": a pure-decode step (one text token per sequence) of at most
+  `max_num_seqs` sequences runs in fixed shapes through `CudaGraphRunner` (eagerly, or replayed
+  from CUDA graphs); prefill and mixed steps take the reference path. "cuda_graph" off CUDA falls
+  back to the reference path; "static" needs the Triton kernels to run (CUDA, or the interpreter).
+The cache has one block more than the block manager hands out: the scratch block where the padding
+rows of a fixed-shape batch write their K/V.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
+from maverick.engine.cuda_graph import CudaGraphRunner, DecodeBatch, kernels_run_on
 from maverick.engine.scheduler import SchedulerOutput
 from maverick.engine.sequence import Sequence
 from maverick.layers.attention import AttentionMetadata
 from maverick.models.llama4 import Llama4Model
+
+log = logging.getLogger(__name__)
+
+DecodePath = Literal["reference", "static", "cuda_graph"]
 
 
 @dataclass
@@ -32,13 +48,52 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(
-        self, model: Llama4Model, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None
+        self,
+        model: Llama4Model,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype | None = None,
+        *,
+        decode_path: DecodePath = "reference",
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
     ):
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.kv_caches = model.allocate_kv_caches(num_blocks, block_size, kv_dtype)
+        self.num_blocks = num_blocks  # the block manager's; block `num_blocks` is the scratch block
+        self.kv_caches = model.allocate_kv_caches(num_blocks + 1, block_size, kv_dtype)
+        self.scratch_slot = num_blocks * block_size
+        max_len = max_model_len or model.config.text.max_position_embeddings
+        self.decode_runner = self._decode_runner(decode_path, max_num_seqs, -(-max_len // block_size))
+        self.num_reference_steps = 0
+        self.num_fixed_shape_steps = 0
+
+    def _decode_runner(self, path: DecodePath, max_num_seqs: int, max_blocks: int) -> CudaGraphRunner | None:
+        if path == "reference":
+            return None
+        if path == "cuda_graph" and self.device.type != "cuda":
+            log.warning("decode_path 'cuda_graph' needs CUDA: %s decodes on the reference path", self.device)
+            return None
+        if not kernels_run_on(self.device):
+            raise ValueError(
+                f"decode_path {path!r} runs Triton kernels: it needs triton and a CUDA device "
+                f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
+            )
+        head_dim = self.model.config.text.head_dim
+        if self.block_size & (self.block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
+            raise ValueError(
+                f"decode_path {path!r} needs a power-of-two block_size and head_dim >= 16 "
+                f"(got {self.block_size}, {head_dim})"
+            )
+        return CudaGraphRunner(
+            self.model,
+            self.kv_caches,
+            max_batch_size=max_num_seqs,
+            max_blocks_per_seq=min(max_blocks, self.num_blocks),
+            scratch_slot=self.scratch_slot,
+            use_graphs=path == "cuda_graph",
+        )
 
     @staticmethod
     def kv_bytes_per_block(model: Llama4Model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -96,6 +151,9 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step. Returns fp32 logits [N, vocab] for the sequences that sample, and those sequences."""
+        if self.decode_runner is not None and self.is_fixed_shape_decode(sched):
+            return self._execute_decode(sched)
+        self.num_reference_steps += 1
         inputs = self.prepare(sched)
         hidden = self.model(
             inputs.input_ids,
@@ -108,6 +166,46 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         self._drop_finished_images(sched)
         return logits, inputs.sample_seqs
+
+    # -- fixed-shape decode --------------------------------------------------------------------------
+    def is_fixed_shape_decode(self, sched: SchedulerOutput) -> bool:
+        """A step the decode runner takes: one new token per sequence, none of them an image
+        position, and no more sequences than its largest bucket."""
+        if self.decode_runner is None or len(sched.seqs) > self.decode_runner.max_batch_size:
+            return False
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            a, b = seq.image_rows(seq.num_computed_tokens, seq.num_computed_tokens + n)
+            if n != 1 or b > a:
+                return False
+        return True
+
+    def prepare_decode(self, sched: SchedulerOutput) -> DecodeBatch:
+        """The host-side inputs of a fixed-shape decode step, one row per sequence."""
+        bs = self.block_size
+        positions = np.array([seq.num_computed_tokens for seq in sched.seqs], dtype=np.int64)
+        width = max(len(seq.block_table) for seq in sched.seqs)
+        tables = np.zeros((len(sched.seqs), width), dtype=np.int32)
+        for i, seq in enumerate(sched.seqs):
+            tables[i, : len(seq.block_table)] = seq.block_table
+        blocks = tables[np.arange(len(sched.seqs)), positions // bs].astype(np.int64)
+        return DecodeBatch(
+            input_ids=np.array([seq.token_id(int(p)) for seq, p in zip(sched.seqs, positions, strict=True)]),
+            positions=positions,
+            slot_mapping=blocks * bs + positions % bs,
+            block_tables=tables,
+            seq_lens=(positions + 1).astype(np.int32),
+        )
+
+    def _execute_decode(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
+        self.num_fixed_shape_steps += 1
+        logits = self.decode_runner.run(self.prepare_decode(sched))  # [n, vocab]
+        # A one-token prefill chunk that is not the prompt's last token does not sample.
+        rows = [i for i, seq in enumerate(sched.seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
+        self._drop_finished_images(sched)
+        if len(rows) == len(sched.seqs):
+            return logits, list(sched.seqs)
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        return logits[index], [sched.seqs[i] for i in rows]
 
     # -- images ----------------------------------------------------------------------------------
     def _encode_images(self, sched: SchedulerOutput) -> None:

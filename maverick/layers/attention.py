@@ -147,6 +147,28 @@ class AttentionMetadata:
         )
 
 
+@dataclass
+class DecodeMetadata:
+    """A pure-decode step in fixed shapes: each of B rows brings one new token (at position
+    seq_len - 1), so every tensor has B rows whatever the sequences' lengths, nothing is planned on
+    the host, and a CUDA graph captured for B replays any such step. Attention runs the Triton
+    kernel `maverick.kernels.paged_attention.paged_decode_attention` and the MoE the fixed-shape
+    kernel `maverick.kernels.moe.fused_moe`.
+
+    Padding rows (a batch smaller than its graph's B): seq_len 0 (attention reads nothing and
+    returns zeros; the MoE skips them) and a slot in a scratch KV block that no sequence owns.
+    """
+
+    slot_mapping: torch.Tensor  # [B] int64: cache slot of each new token (padding: the scratch slot)
+    block_tables: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's blocks are never read
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step; 0 = padding row
+    num_splits: int = 1  # programs sharing one sequence's keys (flash-decoding), see paged_decode_attention
+
+    def real_rows(self) -> torch.Tensor:
+        """[B] bool: rows that are not padding."""
+        return self.seq_lens > 0
+
+
 # Below this many keys, padding a decode to its group's width costs less than one more gather and
 # attention call (measured on CPU); chunked layers' decodes then always form one group.
 MIN_GROUP_KEYS = 128

@@ -5,12 +5,18 @@ out = shared_expert(x) + expert_e(x * sigmoid(router_logit_e)),  e = argmax(rout
 The router score scales the expert's *input* (not its output), with no renormalisation. Routed
 experts are stacked: w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I], either in FP8 with
 per-row scales (`_scaled_mm`, per-token activation scales) or in a float dtype.
+
+Two ways to run the routed experts: the eager reference (`RoutedExperts.forward`: tokens grouped by
+expert on the host, any batch, any device), and a fixed-shape Triton kernel for decode batches
+(`maverick.kernels.moe.fused_moe`: no host sync, so a CUDA graph can capture it; FP8 weights are
+dequantised on the fly and the activations are *not* quantised, unlike the eager FP8 path).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maverick.kernels.moe import fused_moe
 from maverick.layers.fp8 import FP8_DTYPE, fp8_linear
 from maverick.layers.mlp import MLP
 from maverick.layers.parallel import set_tp_dim
@@ -67,6 +73,15 @@ class RoutedExperts(nn.Module):
                 start += n
         return out
 
+    def forward_fixed_shape(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], expert_ids [T] -> [T, H] through the Triton kernel: fixed shapes, no host sync
+        (graph-capturable). Rows whose id is outside [0, E) are skipped (zeros). FP8 weights are
+        dequantised in the kernel with the activations left unquantised: this differs from
+        `forward`'s FP8 path (per-token e4m3 activations through `_scaled_mm`) by that rounding."""
+        if self.fp8:
+            return fused_moe(x, expert_ids, self.w13, self.w2, self.w13_scale, self.w2_scale)
+        return fused_moe(x, expert_ids, self.w13, self.w2)
+
     def _batched(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         T, H = x.shape
         order = torch.argsort(expert_ids, stable=True)  # [T]: tokens grouped by expert
@@ -105,7 +120,16 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(num_experts, hidden_size, intermediate_size, dtype, fp8)
         self.shared_expert = MLP(hidden_size, intermediate_size, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+    def forward(
+        self, x: torch.Tensor, fixed_shape: bool = False, real_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, H] -> [T, H]. fixed_shape: routed experts through the graph-capturable kernel,
+        skipping the rows where real_rows [T] bool is False (padding of a graph batch)."""
         expert_ids, scores = self.router(x)
-        routed = self.experts(x * scores[:, None], expert_ids)
+        if fixed_shape:
+            if real_rows is not None:
+                expert_ids = torch.where(real_rows, expert_ids, self.experts.num_experts)  # E: skipped
+            routed = self.experts.forward_fixed_shape(x * scores[:, None], expert_ids)
+        else:
+            routed = self.experts(x * scores[:, None], expert_ids)
         return self.shared_expert(x) + routed

@@ -4,7 +4,10 @@ except the routed experts, which are stacked (see layers/moe.py and checkpoint.p
 
 The text forward takes a flat batch of tokens from many sequences (prefill chunks and decodes
 mixed), their absolute positions, and paged-attention metadata; K/V go to and come from a paged
-cache, so one step can serve many requests.
+cache, so one step can serve many requests. The metadata picks the path: `AttentionMetadata` runs
+the reference (SDPA attention planned on the host, grouped MoE: any batch, any device), and
+`DecodeMetadata` the fixed-shape decode path (Triton kernels for attention and routed experts, no
+host sync: what a CUDA graph captures).
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import torch
 from torch import nn
 
 from maverick.config import ModelConfig, TextConfig
-from maverick.layers.attention import AttentionMetadata, allocate_kv_caches, paged_attention, write_kv
+from maverick.kernels.paged_attention import paged_decode_attention
+from maverick.layers.attention import (
+    AttentionMetadata,
+    DecodeMetadata,
+    allocate_kv_caches,
+    paged_attention,
+    write_kv,
+)
 from maverick.layers.linear import MergedColumnLinear
 from maverick.layers.mlp import MLP
 from maverick.layers.moe import MoE
@@ -54,7 +64,7 @@ class TextAttention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         positions: torch.Tensor,  # [T]
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, head_dim // 2]
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | DecodeMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
         T = x.shape[0]
@@ -70,7 +80,19 @@ class TextAttention(nn.Module):
             )
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.chunk_size)  # [T, heads, head_dim]
+        if isinstance(meta, DecodeMetadata):
+            o = paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                self.scale,
+                self.chunk_size,
+                num_splits=meta.num_splits,
+            )  # [T, heads, head_dim]
+        else:
+            o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.chunk_size)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 
@@ -89,7 +111,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, positions, rope, meta, kv_cache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), positions, rope, meta, kv_cache)
-        return h + self.feed_forward(self.post_attention_layernorm(h))
+        h_norm = self.post_attention_layernorm(h)
+        if isinstance(self.feed_forward, MoE) and isinstance(meta, DecodeMetadata):
+            # fixed-shape routed experts; padding rows are skipped
+            return h + self.feed_forward(h_norm, fixed_shape=True, real_rows=meta.real_rows())
+        return h + self.feed_forward(h_norm)
 
 
 class TextModel(nn.Module):
@@ -163,12 +189,15 @@ class Llama4Model(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | DecodeMetadata,
         kv_caches: list[KVCache],
         image_embeds: torch.Tensor | None = None,  # [P, hidden]
         image_mask: torch.Tensor | None = None,  # [T] bool: the P prompt <|patch|> positions, in order
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (after the last norm).
+
+        `meta` picks the path: `AttentionMetadata` the reference (any batch), `DecodeMetadata` the
+        fixed-shape decode path (one token per row, Triton kernels, no host sync; no images).
 
         Image features replace the embeddings at `image_mask`. The mask is explicit because only a
         prompt's <|patch|> tokens are image positions: the same id sampled by the model is text.

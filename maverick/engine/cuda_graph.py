@@ -1,0 +1,203 @@
+"""Pure-decode steps in fixed shapes, replayed from CUDA graphs captured per batch-size bucket.
+
+A decode step of n sequences (one new token each) runs as a batch of B rows, B the smallest bucket
+>= n (1, 2, 4, 8, 16, 24, ... up to the largest batch the scheduler makes). Its inputs are copied
+into static buffers sized for the largest bucket; rows n..B-1 are padding: token 0 at position 0,
+seq_len 0 (attention reads nothing, the MoE skips the row) and a cache slot in a scratch KV block
+that no sequence owns (the runner allocates one block past the block manager's), so their K/V
+writes touch nobody's cache. The model runs on `DecodeMetadata` (Triton kernels, no host sync), so
+the forward of each bucket, logits included, is captured once at start-up and replayed for every
+step that fits it; the logits of the B rows are copied out and the n real ones returned.
+
+With `use_graphs=False` the same buffers, buckets and padding run eagerly: the fixed-shape path
+without graphs, which is what runs on the CPU (tests, under TRITON_INTERPRET=1) and what a graph
+replay is compared with (scripts/gpu_check.py). Prefill and mixed steps, and batches over the
+largest bucket, never come here: the model runner sends them down the reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from maverick.kernels import moe as moe_kernel
+from maverick.kernels import paged_attention as attention_kernel
+from maverick.layers.attention import DecodeMetadata
+from maverick.models.llama4 import KVCache, Llama4Model
+
+log = logging.getLogger(__name__)
+
+MAX_DECODE_SPLITS = 8  # flash-decoding splits per sequence and KV head, at most
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, then multiples of 8 below max_batch_size, then max_batch_size itself: a batch is
+    padded by at most 7 rows past 8, and the largest batch the scheduler makes has its own graph."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    small = [1, 2, 4, *range(8, max_batch_size, 8)]
+    return [b for b in small if b < max_batch_size] + [max_batch_size]
+
+
+def bucket_for(buckets: list[int], n: int) -> int | None:
+    """The smallest bucket that holds n rows; None if n is over the largest (eager fallback)."""
+    return next((b for b in buckets if b >= n), None)
+
+
+def decode_splits(batch_size: int, num_kv_heads: int, device: torch.device) -> int:
+    """Flash-decoding splits for a bucket: enough programs to fill the GPU's SMs when
+    batch * num_kv_heads is small (splits with no keys exit at once). 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(MAX_DECODE_SPLITS, sms // (batch_size * num_kv_heads)))
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """The fixed-shape path's Triton kernels run on CUDA, and on the CPU only when TRITON_INTERPRET=1
+    was set before they were imported (they are then interpreted functions: tests)."""
+    if not (attention_kernel.HAS_TRITON and moe_kernel.HAS_TRITON):
+        return False
+    if device.type == "cuda":
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return device.type == "cpu" and isinstance(attention_kernel._paged_decode_kernel, InterpretedFunction)
+
+
+@dataclass
+class DecodeBatch:
+    """The host-side inputs of a decode step, one row per sequence."""
+
+    input_ids: np.ndarray  # [n] int64: each sequence's new token
+    positions: np.ndarray  # [n] int64: its position (= tokens already in the cache)
+    slot_mapping: np.ndarray  # [n] int64: the cache slot it is written to
+    block_tables: np.ndarray  # [n, width] int32
+    seq_lens: np.ndarray  # [n] int32: positions + 1
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def padded(self, num_rows: int, scratch_slot: int) -> DecodeBatch:
+        """The batch with rows appended up to num_rows: token 0 at position 0, written to
+        scratch_slot, seq_len 0, an all-zero block table row (never read)."""
+        extra = num_rows - self.num_rows
+        if extra < 0:
+            raise ValueError(f"{self.num_rows} rows do not fit in {num_rows}")
+        tables = np.zeros((num_rows, self.block_tables.shape[1]), dtype=np.int32)
+        tables[: self.num_rows] = self.block_tables
+        return DecodeBatch(
+            input_ids=np.concatenate([self.input_ids, np.zeros(extra, np.int64)]),
+            positions=np.concatenate([self.positions, np.zeros(extra, np.int64)]),
+            slot_mapping=np.concatenate([self.slot_mapping, np.full(extra, scratch_slot, np.int64)]),
+            block_tables=tables,
+            seq_lens=np.concatenate([self.seq_lens, np.zeros(extra, np.int32)]),
+        )
+
+
+class CudaGraphRunner:
+    """Runs pure-decode batches of up to `max_batch_size` rows in fixed shapes (see the module
+    docstring): from CUDA graphs when `use_graphs`, else eagerly on the same static buffers."""
+
+    def __init__(
+        self,
+        model: Llama4Model,
+        kv_caches: list[KVCache],
+        *,
+        max_batch_size: int,
+        max_blocks_per_seq: int,
+        scratch_slot: int,
+        use_graphs: bool,
+    ):
+        self.model, self.kv_caches = model, kv_caches
+        self.device = model.device
+        self.buckets = batch_buckets(max_batch_size)
+        self.scratch_slot = scratch_slot
+        num_kv_heads = model.config.text.num_key_value_heads
+        self.num_splits = {b: decode_splits(b, num_kv_heads, self.device) for b in self.buckets}
+        B, dev = self.buckets[-1], self.device
+        # Static inputs for the largest bucket; a bucket of b rows reads their first b rows.
+        self.input_ids = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((B,), scratch_slot, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(B, max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_logits: dict[int, torch.Tensor] = {}  # [b, vocab] fp32: each graph's output
+        if use_graphs:
+            if dev.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
+            self.capture()
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.buckets[-1]
+
+    @property
+    def uses_graphs(self) -> bool:
+        return bool(self.graphs)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        """The fixed-shape forward of the first b rows of the static inputs -> logits [b, vocab] fp32."""
+        meta = DecodeMetadata(
+            slot_mapping=self.slot_mapping[:b],
+            block_tables=self.block_tables[:b],
+            seq_lens=self.seq_lens[:b],
+            num_splits=self.num_splits[b],
+        )
+        hidden = self.model(self.input_ids[:b], self.positions[:b], meta, self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    def capture(self) -> None:
+        """One graph per bucket, largest first, all in one memory pool (a smaller graph reuses the
+        larger ones' memory: only one replays at a time and its logits are copied out at once).
+        Each bucket is first run on a side stream (Triton compiles its kernels, allocators warm up);
+        the static inputs hold padding rows only, so these runs write nothing but the scratch slot."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.seq_lens.zero_()
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.graph_logits[b] = self._forward(b)
+            self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def _load(self, batch: DecodeBatch) -> None:
+        """Copy a (padded) batch into the first rows of the static inputs. Table entries past its
+        width keep older values: the kernel never reads past a row's seq_len."""
+        b, width = batch.num_rows, batch.block_tables.shape[1]
+        if width > self.block_tables.shape[1]:
+            raise ValueError(f"block tables of {width} blocks; the buffers hold {self.block_tables.shape[1]}")
+        self.input_ids[:b].copy_(torch.from_numpy(batch.input_ids))
+        self.positions[:b].copy_(torch.from_numpy(batch.positions))
+        self.slot_mapping[:b].copy_(torch.from_numpy(batch.slot_mapping))
+        self.block_tables[:b, :width].copy_(torch.from_numpy(batch.block_tables))
+        self.seq_lens[:b].copy_(torch.from_numpy(batch.seq_lens))
+
+    def run(self, batch: DecodeBatch) -> torch.Tensor:
+        """Logits [n, vocab] fp32 of the batch's n rows (n <= max_batch_size)."""
+        n = batch.num_rows
+        b = bucket_for(self.buckets, n)
+        if b is None or n == 0:
+            raise ValueError(f"a decode batch of {n} rows; this runner takes 1 to {self.max_batch_size}")
+        self._load(batch.padded(b, self.scratch_slot))
+        if b in self.graphs:
+            self.graphs[b].replay()
+            logits = self.graph_logits[b]  # [b, vocab], overwritten by the next replay
+        else:
+            logits = self._forward(b)
+        return logits[:n].clone()
