@@ -145,9 +145,9 @@ def _response(request_id, text, token_ids, out, logprobs):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))
     return pb_utils.InferenceResponse(
         [
-            pb_utils.Tensor("text", np.array([[text.encode()]], dtype=object)),
+            pb_utils.Tensor("text_utf8", _utf8(text)),
             pb_utils.Tensor("token_ids", np.asarray([token_ids], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=object)),
+            pb_utils.Tensor("finish_reason_utf8", _utf8(finish)),
             pb_utils.Tensor(
                 "num_input_tokens", np.array([[out.num_prompt_tokens if out else 0]], dtype=np.int32)
             ),
@@ -155,9 +155,14 @@ def _response(request_id, text, token_ids, out, logprobs):
             pb_utils.Tensor(
                 "log_probs", np.asarray([[lp for lp in logprobs if lp is not None]], dtype=np.float32)
             ),
-            pb_utils.Tensor("llm_request_id", np.array([[request_id.encode()]], dtype=object)),
+            pb_utils.Tensor("llm_request_id_utf8", _utf8(request_id)),
         ]
     )
+
+
+def _utf8(text: str) -> np.ndarray:
+    """[1, n] uint8: numeric, so Triton copies it instead of serialising a string tensor in Python."""
+    return np.frombuffer(text.encode(), dtype=np.uint8).reshape(1, -1)
 
 
 def _send(sender, response, final: bool):
