@@ -104,36 +104,46 @@ class ModelRunner:
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         image_rows: list[torch.Tensor] = []
-        image_mask: list[np.ndarray] = []
+        patch_spans: list[tuple[int, np.ndarray]] = []  # (first row, which rows are patches)
         seq_lens: list[int] = []
         self._encode_images(sched)
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_slice(start, end)
-            pos = np.arange(start, end)
-            table = np.asarray(seq.block_table, dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:  # a decode: plain ints are cheaper than arrays of one
+                ids.append(seq.token_id(start))
+                positions.append(start)
+                slots.append(seq.block_table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.token_slice(start, end)
+                pos = np.arange(start, end)
+                positions += pos.tolist()
+                slots += (np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist()
             seq_lens.append(end)
-            a, b = seq.image_rows(start, end)
-            image_mask.append(seq.image_mask(start, end))
-            if b > a:
-                image_rows.append(self._rows(seq, a, b))
+            if seq.images:
+                a, b = seq.image_rows(start, end)
+                if b > a:
+                    image_rows.append(self._rows(seq, a, b))
+                    patch_spans.append((len(ids) - n, seq.image_mask(start, end)))
             if end == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
                 sample_seqs.append(seq)
+        image_mask = None
+        if image_rows:
+            image_mask = np.zeros(len(ids), dtype=bool)
+            for first, mask in patch_spans:
+                image_mask[first : first + len(mask)] = mask
         width = max(len(s.block_table) for s in sched.seqs)
         tables = np.zeros((len(sched.seqs), width), dtype=np.int32)
         for i, seq in enumerate(sched.seqs):
             tables[i, : len(seq.block_table)] = seq.block_table
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.from_numpy(tables).to(dev),
             query_lens=list(sched.num_new_tokens),
             seq_lens=seq_lens,
@@ -141,10 +151,10 @@ class ModelRunner:
         )
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
             meta=meta,
             image_embeds=torch.cat(image_rows) if image_rows else None,
-            image_mask=torch.from_numpy(np.concatenate(image_mask)).to(dev) if image_rows else None,
+            image_mask=torch.from_numpy(image_mask).to(dev) if image_mask is not None else None,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=dev),
             sample_seqs=sample_seqs,
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +66,7 @@ class AttentionMetadata:
     _plans: dict[int | None, tuple[list[DecodePlan], list[PrefillPlan], ChunkPiecesPlan | None]] = field(
         default_factory=dict, repr=False
     )
+    _block_tables_host: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -132,19 +134,26 @@ class AttentionMetadata:
         return ChunkPiecesPlan(rows, valid, slots, mask[:, None], Q)
 
     def _decode_group(self, group: list[tuple[int, int, int]], rows: dict[int, int]) -> DecodePlan:
+        """Built on the host in numpy (a handful of vector operations, then one copy per tensor):
+        the per-step planning cost is paid by every decode step."""
         device, bs = self.block_tables.device, self.block_size
-        width = max(total - start for _, start, total in group)
-        idx = torch.tensor([s for s, _, _ in group], device=device)
-        total_t = torch.tensor([t for _, _, t in group], device=device)[:, None]
-        key_pos = torch.tensor([k for _, k, _ in group], device=device)[:, None] + torch.arange(
-            width, device=device
-        )
-        valid = key_pos < total_t  # [S_d, K]
-        key_pos = torch.where(valid, key_pos, 0)
-        slots = self.block_tables[idx].gather(1, key_pos // bs).long() * bs + key_pos % bs
+        seq, start, total = (np.array(c) for c in zip(*group, strict=True))
+        key_pos = start[:, None] + np.arange(int((total - start).max()))  # [S_d, K]
+        valid = key_pos < total[:, None]
+        key_pos = np.where(valid, key_pos, 0)
+        blocks = np.take_along_axis(self.block_tables_host[seq], key_pos // bs, axis=1)
+        slots = blocks.astype(np.int64) * bs + key_pos % bs
         return DecodePlan(
-            torch.tensor([rows[s] for s, _, _ in group], device=device), slots, valid[:, None, None, :]
+            torch.tensor([rows[s] for s in seq.tolist()], device=device),
+            torch.from_numpy(slots).to(device),
+            torch.from_numpy(valid[:, None, None, :]).to(device),
         )
+
+    @property
+    def block_tables_host(self) -> np.ndarray:
+        if self._block_tables_host is None:
+            self._block_tables_host = self.block_tables.cpu().numpy()
+        return self._block_tables_host
 
 
 @dataclass

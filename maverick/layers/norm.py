@@ -1,6 +1,7 @@
 """RMSNorm as Llama 4 computes it: normalise in fp32, cast back, then scale by the weight."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,6 +12,5 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in fp32, as one fused op; the weight after the cast back
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
