@@ -6,7 +6,9 @@ the engine directly, side by side, and where the CPU goes.
                               [--out results/loadtest/record]
 
 1. Starts a tritonserver on the checkpoint (free ports, its own build folder), as `make serve` would.
-2. `python -m loadtest` sweeps the levels over gRPC streaming (the primary protocol).
+2. `python -m loadtest` sweeps the levels over gRPC streaming (the primary protocol). Locust runs
+   at the lowest CPU priority (--client-nice 19): on a small machine its CPU is taken from the
+   server otherwise, which the engine-direct side (in-process users) does not pay.
 3. Diagnostics at the top level, to split the overhead: the same over HTTP /generate_stream, and
    over gRPC with stream=false (one response per request instead of one per token).
 4. Stops the server, then `python -m loadtest.engine_direct` runs the same workload file and levels.
@@ -114,10 +116,12 @@ def level_windows(records: Path, hold: float) -> list[tuple[int, float, float]]:
     return [(lv["level"], starts[i], min(starts[i + 1], starts[i] + hold)) for i, lv in enumerate(levels)]
 
 
-def run(cmd: list[str], log: Path) -> int:
-    print("$", " ".join(cmd[1:]), flush=True)
+def run(cmd: list[str], log: Path, niceness: int = 0) -> int:
+    print("$", f"(nice {niceness})" if niceness else "", " ".join(cmd[1:]), flush=True)
     with open(log, "w") as f:
-        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(
+            cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(niceness)
+        ).returncode
 
 
 def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, Path], dict[str, int]]:
@@ -149,7 +153,7 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
         for name, (path, extra) in runs.items():
             path.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "loadtest", *target, *common, *extra, "--out", str(path)]
-            rcs[name] = run(cmd, path / "run.log")
+            rcs[name] = run(cmd, path / "run.log", args.client_nice)
     finally:
         rcs["tritonserver"] = server.stop()
     direct = out / "direct"
@@ -171,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-maverick")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "record")
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
+    ap.add_argument(
+        "--client-nice",
+        type=int,
+        default=19,
+        help="niceness of the Locust process: it shares the cores with the server, and the direct "
+        "side has no separate client to pay for (0: compete on equal terms)",
+    )
     ap.add_argument(
         "--top-repeats",
         type=int,
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "summaries": summaries,
         "cpu_cores": {k: {str(lv): c for lv, c in v.items()} for k, v in cpu.items()},
         "top_level_pairs": top_pairs,
+        "client_nice": args.client_nice,
     }
     (out / "record.json").write_text(json.dumps(record, indent=2))
     text = record_markdown(record)
@@ -260,7 +272,8 @@ def record_markdown(rec: dict) -> str:
         f"input {w['input_len']} tokens, output {w['output_len']} tokens (ignore_eos), temperature "
         f"{w['temperature']}; closed loop, each level held {rec['level_time_s']:g} s, the first "
         f"{rec['warmup_s']:g} s not measured. "
-        "Triton: gRPC streaming from Locust on the same machine. Times in ms.",
+        f"Triton: gRPC streaming from Locust on the same machine (nice {rec.get('client_nice', 0)}). "
+        "Times in ms.",
         "",
         "| users | Triton tok/s | direct tok/s | overhead | Triton req/s | direct req/s "
         "| TTFT p50 T / D | TTFT p99 T / D | ITL p50 T / D | ITL p99 T / D | errors T / D |",
