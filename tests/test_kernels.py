@@ -12,19 +12,14 @@ the kernel really is interpreted), and this process compares them with the oracl
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from maverick.kernels import paged_attention as pa
 from maverick.kernels.paged_attention import paged_decode_attention
 from maverick.layers.attention import AttentionMetadata, paged_attention
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(not pa.HAS_TRITON, reason="triton is not installed")
 
 # Runs in the subprocess: every case through the wrapper; a failing case reports its traceback
@@ -165,17 +160,7 @@ def kernel_outputs(cases, tmp_path_factory) -> dict[str, torch.Tensor | str]:
         pytest.skip("triton is not installed")
     tmp = tmp_path_factory.mktemp("paged_kernel")
     torch.save(cases, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_interpreted(["-c", RUNNER, str(tmp / "cases.pt"), str(tmp / "out.pt")])
     return torch.load(tmp / "out.pt")
 
 

@@ -11,21 +11,16 @@ on a GPU (scripts/gpu_check.py).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreter import run_interpreted
 
 from maverick.kernels import moe as moe_kernel
 from maverick.kernels.moe import align_by_expert, fused_moe
 from maverick.layers.fp8 import FP8_DTYPE, quantize_rowwise
 from maverick.layers.moe import RoutedExperts
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(not moe_kernel.HAS_TRITON, reason="triton is not installed")
 
 RUNNER = """
@@ -134,17 +129,7 @@ def kernel_outputs(cases, tmp_path_factory) -> dict[str, torch.Tensor | str]:
         pytest.skip("triton is not installed")
     tmp = tmp_path_factory.mktemp("moe_kernel")
     torch.save(cases, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_interpreted(["-c", RUNNER, str(tmp / "cases.pt"), str(tmp / "out.pt")])
     return torch.load(tmp / "out.pt")
 
 

@@ -8,13 +8,11 @@ this process compares what it saved. The CUDA-graph capture itself needs a GPU: 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from maverick.kernels import moe, paged_attention
 
@@ -30,17 +28,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def interpreted(tiny_ckpt, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("static_decode") / "out.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fixed_shape_decode.py"), str(tiny_ckpt), str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_interpreted([str(ROOT / "tests" / "fixed_shape_decode.py"), str(tiny_ckpt), str(out)], timeout=600)
     return torch.load(out)
 
 
