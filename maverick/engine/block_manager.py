@@ -120,11 +120,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
-        for i, h in enumerate(self.block_hashes(seq, full)):
+        if full <= seq.num_registered_blocks:  # most steps: no block became full
+            return
+        hashes = self.block_hashes(seq, full)
+        for i in range(seq.num_registered_blocks, full):
             b = seq.block_table[i]
             if self.block_hash[b] is None:
-                self.block_hash[b] = h
-                self.cached.setdefault(h, b)
+                self.block_hash[b] = hashes[i]
+                self.cached.setdefault(hashes[i], b)
+        seq.num_registered_blocks = full
 
     def free_seq(self, seq: Sequence) -> None:
         """Drop seq's references; its blocks stay cached until reused, tail blocks evicted first."""

@@ -82,6 +82,7 @@ class Sequence:
     num_preemptions: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, chained
+    num_registered_blocks: int = 0  # leading full blocks already offered to the prefix cache
     # Image embeddings computed for the prefill in progress, by image index; dropped once the
     # prefill has passed the image's last <|patch|> token.
     image_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -160,6 +161,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """After preemption: nothing is cached any more; prompt and output will be recomputed."""
         self.num_computed_tokens = 0
+        self.num_registered_blocks = 0
         self.num_preemptions += 1
         self.image_embeds.clear()
         self.status = SequenceStatus.WAITING
