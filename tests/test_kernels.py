@@ -14,31 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter import run_interpreted
+from interpreter import run_cases
 
 from maverick.kernels import paged_attention as pa
 from maverick.kernels.paged_attention import paged_decode_attention
 from maverick.layers.attention import AttentionMetadata, paged_attention
 
 needs_triton = pytest.mark.skipif(not pa.HAS_TRITON, reason="triton is not installed")
-
-# Runs in the subprocess: every case through the wrapper; a failing case reports its traceback
-# instead of stopping the others.
-RUNNER = """
-import sys, traceback
-import torch
-from triton.runtime.interpreter import InterpretedFunction
-from maverick.kernels import paged_attention as pa
-assert isinstance(pa._paged_decode_kernel, InterpretedFunction), type(pa._paged_decode_kernel)
-cases = torch.load(sys.argv[1])
-results = {}
-for name, case in cases.items():
-    try:
-        results[name] = pa.paged_decode_attention(**case)
-    except Exception:
-        results[name] = traceback.format_exc()
-torch.save(results, sys.argv[2])
-"""
 
 
 def make_case(
@@ -158,10 +140,13 @@ def cases() -> dict[str, dict]:
 def kernel_outputs(cases, tmp_path_factory) -> dict[str, torch.Tensor | str]:
     if not pa.HAS_TRITON:
         pytest.skip("triton is not installed")
-    tmp = tmp_path_factory.mktemp("paged_kernel")
-    torch.save(cases, tmp / "cases.pt")
-    run_interpreted(["-c", RUNNER, str(tmp / "cases.pt"), str(tmp / "out.pt")])
-    return torch.load(tmp / "out.pt")
+    return run_cases(
+        "maverick.kernels.paged_attention",
+        "_paged_decode_kernel",
+        "paged_decode_attention",
+        cases,
+        tmp_path_factory.mktemp("paged_kernel"),
+    )
 
 
 @needs_triton

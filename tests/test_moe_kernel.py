@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from interpreter import run_interpreted
+from interpreter import run_cases
 
 from maverick.kernels import moe as moe_kernel
 from maverick.kernels.moe import align_by_expert, fused_moe
@@ -22,22 +22,6 @@ from maverick.layers.fp8 import FP8_DTYPE, quantize_rowwise
 from maverick.layers.moe import RoutedExperts
 
 needs_triton = pytest.mark.skipif(not moe_kernel.HAS_TRITON, reason="triton is not installed")
-
-RUNNER = """
-import sys, traceback
-import torch
-from triton.runtime.interpreter import InterpretedFunction
-from maverick.kernels import moe
-assert isinstance(moe._moe_gate_up_kernel, InterpretedFunction), type(moe._moe_gate_up_kernel)
-cases = torch.load(sys.argv[1])
-results = {}
-for name, case in cases.items():
-    try:
-        results[name] = moe.fused_moe(**case)
-    except Exception:
-        results[name] = traceback.format_exc()
-torch.save(results, sys.argv[2])
-"""
 
 
 def make_case(
@@ -127,10 +111,13 @@ def cases() -> dict[str, dict]:
 def kernel_outputs(cases, tmp_path_factory) -> dict[str, torch.Tensor | str]:
     if not moe_kernel.HAS_TRITON:
         pytest.skip("triton is not installed")
-    tmp = tmp_path_factory.mktemp("moe_kernel")
-    torch.save(cases, tmp / "cases.pt")
-    run_interpreted(["-c", RUNNER, str(tmp / "cases.pt"), str(tmp / "out.pt")])
-    return torch.load(tmp / "out.pt")
+    return run_cases(
+        "maverick.kernels.moe",
+        "_moe_gate_up_kernel",
+        "fused_moe",
+        cases,
+        tmp_path_factory.mktemp("moe_kernel"),
+    )
 
 
 @needs_triton
