@@ -236,8 +236,10 @@ def load_model(
     """Build `Llama4Model` for `path` and fill it strictly from its safetensors.
 
     experts: "fp8" keeps FP8 experts in FP8 (`_scaled_mm`), "dequant" turns them into `dtype`,
-    "auto" picks fp8 where the device supports it. `quantize_experts` quantizes a bf16
-    checkpoint's experts to FP8 at load.
+    "auto" picks fp8 where the device has FP8 GEMMs (CUDA, compute capability 8.9+) and dequant
+    elsewhere: the CPU runs `_scaled_mm` (so "fp8" works there, for tests), but several times
+    slower than a float matmul. `quantize_experts` quantizes a bf16 checkpoint's experts to FP8
+    at load.
     """
     path, device = Path(path), torch.device(device)
     config = ModelConfig.from_dir(path)
@@ -247,7 +249,10 @@ def load_model(
         raise CheckpointError(
             f"FP8 experts need a GPU of compute capability 8.9+ or the CPU; {device} has none"
         )
-    fp8 = (config.quant is not None or quantize_experts) and experts != "dequant" and fp8_supported(device)
+    fp8_native = device.type == "cuda" and fp8_supported(device)
+    fp8 = (config.quant is not None or quantize_experts) and (
+        experts == "fp8" or (experts == "auto" and fp8_native)
+    )
     with torch.device("meta"):
         model = Llama4Model(config, dtype=dtype, fp8_experts=fp8)
     model.to_empty(device=device)

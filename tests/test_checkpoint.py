@@ -52,16 +52,27 @@ def test_config_is_typed_and_frozen(tiny_ckpt):
 
 
 def test_fp8_checkpoint_keeps_fp8_experts(tiny_ckpt):
-    model = load_model(tiny_ckpt, dtype=torch.bfloat16)
+    model = load_model(tiny_ckpt, dtype=torch.bfloat16, experts="fp8")
     experts = model.language_model.model.layers[1].feed_forward.experts
     assert experts.w13.dtype == FP8_DTYPE and experts.w13_scale.dtype == torch.float32
     assert model.language_model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
 
 
+def test_auto_dequantizes_experts_on_the_cpu(tiny_ckpt):
+    """The CPU has no FP8 GEMM (`_scaled_mm` runs, emulated, several times slower than a float
+    matmul): "auto" dequantizes there; FP8 stays for GPUs of compute capability 8.9+."""
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    experts = model.language_model.model.layers[1].feed_forward.experts
+    assert not experts.fp8 and experts.w13.dtype == torch.float32
+    fp8 = load_model(tiny_ckpt, dtype=torch.float32, experts="fp8").language_model.model.layers[1]
+    deq = fp8.feed_forward.experts.w13.float() * fp8.feed_forward.experts.w13_scale[..., None]
+    assert torch.equal(experts.w13, deq)  # the same numbers, dequantized at load
+
+
 def test_bf16_checkpoint_loads_and_quantizes_on_request(tiny_ckpt_bf16):
     plain = load_model(tiny_ckpt_bf16, dtype=torch.bfloat16)
     assert plain.language_model.model.layers[1].feed_forward.experts.w13.dtype == torch.bfloat16
-    quant = load_model(tiny_ckpt_bf16, dtype=torch.bfloat16, quantize_experts=True)
+    quant = load_model(tiny_ckpt_bf16, dtype=torch.bfloat16, experts="fp8", quantize_experts=True)
     experts = quant.language_model.model.layers[1].feed_forward.experts
     assert experts.w13.dtype == FP8_DTYPE
     # Dequantized FP8 is the bf16 weight to within e4m3's relative precision (2^-4).
