@@ -127,13 +127,38 @@ def request_fields(
     return fields
 
 
+def grpc_inputs(fields: dict[str, Any]) -> list:
+    """Request fields (`request_fields`' names) -> tritonclient.grpc InferInputs, one row each."""
+    import tritonclient.grpc as grpcclient  # here: a gevent caller sets gRPC up before importing it
+
+    inputs = []
+
+    def add(name: str, arr: np.ndarray, dtype: str) -> None:
+        inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+
+    for name, value in fields.items():
+        if name in ("text_input", "messages", "system_prompt"):
+            add(
+                name, np.array([[value.encode() if isinstance(value, str) else value]], dtype=object), "BYTES"
+            )
+        elif name == "images":
+            add(name, np.array([value], dtype=object), "BYTES")
+        elif name in LISTS:
+            add(name, np.array([[w.encode() for w in value]], dtype=object), "BYTES")
+        else:
+            dtype, np_dtype = SCALARS.get(name, ("BOOL", bool))
+            add(name, np.array([[value]], dtype=np_dtype), dtype)
+    return inputs
+
+
 class GrpcClient:
     """gRPC streaming (`start_stream`); `stream()` yields chunks as they arrive."""
 
     def __init__(self, url: str = "localhost:8001", model: str = MODEL):
         import tritonclient.grpc as grpcclient
 
-        self._mod = grpcclient
         self.client = grpcclient.InferenceServerClient(url)
         self.model = model
 
@@ -147,28 +172,7 @@ class GrpcClient:
         self.client.close()
 
     def _inputs(self, fields: dict[str, Any], stream: bool):
-        mod, inputs = self._mod, []
-
-        def add(name: str, arr: np.ndarray, dtype: str) -> None:
-            inp = mod.InferInput(name, list(arr.shape), dtype)
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-
-        for name, value in {**fields, "stream": stream}.items():
-            if name in ("text_input", "messages", "system_prompt"):
-                add(
-                    name,
-                    np.array([[value.encode() if isinstance(value, str) else value]], dtype=object),
-                    "BYTES",
-                )
-            elif name == "images":
-                add(name, np.array([value], dtype=object), "BYTES")
-            elif name in LISTS:
-                add(name, np.array([[w.encode() for w in value]], dtype=object), "BYTES")
-            else:
-                dtype, np_dtype = SCALARS.get(name, ("BOOL", bool))
-                add(name, np.array([[value]], dtype=np_dtype), dtype)
-        return inputs
+        return grpc_inputs({**fields, "stream": stream})
 
     def stream(self, *, request_id: str | None = None, stream: bool = True, **kwargs) -> Iterator[Chunk]:
         """Send one request on a gRPC stream and yield its responses. Closing the iterator early

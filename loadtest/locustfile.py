@@ -49,20 +49,10 @@ grpc_gevent.init_gevent()
 import tritonclient.grpc as grpcclient  # noqa: E402  (after init_gevent)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # Locust puts only loadtest/ on the path
+from client.llm import MODEL, grpc_inputs  # noqa: E402
 from loadtest import sse  # noqa: E402
 from loadtest import workload as wl  # noqa: E402
 from loadtest.sse import ServerError  # noqa: E402
-
-MODEL = "ensemble"
-# input name -> (tritonclient dtype, numpy dtype); the strings are BYTES
-_DTYPES = {
-    "max_tokens": ("INT32", np.int32),
-    "temperature": ("FP32", np.float32),
-    "ignore_eos": ("BOOL", bool),
-    "stream": ("BOOL", bool),
-    "return_num_input_tokens": ("BOOL", bool),
-    "return_num_output_tokens": ("BOOL", bool),
-}
 
 
 @events.init_command_line_parser.add_listener
@@ -231,16 +221,7 @@ class GrpcStreamUser(_LLMUser):
         if self.broken:
             self.client.stop_stream(cancel_requests=True)
             self._open_stream()
-        inputs = []
-        for name, value in fields.items():
-            if name == "messages":
-                arr, dtype = np.array([[value.encode()]], dtype=object), "BYTES"
-            elif name == "images":
-                arr, dtype = np.array([value], dtype=object), "BYTES"
-            else:
-                dtype, np_dtype = _DTYPES[name]
-                arr = np.array([[value]], dtype=np_dtype)
-            inputs.append(grpcclient.InferInput(name, list(arr.shape), dtype).set_data_from_numpy(arr))
+        inputs = grpc_inputs(fields)
         self.client.async_stream_infer(MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
         while True:
             try:

@@ -137,10 +137,7 @@ class ModelRunner:
             image_mask = np.zeros(len(ids), dtype=bool)
             for first, mask in patch_spans:
                 image_mask[first : first + len(mask)] = mask
-        width = max(len(s.block_table) for s in sched.seqs)
-        tables = np.zeros((len(sched.seqs), width), dtype=np.int32)
-        for i, seq in enumerate(sched.seqs):
-            tables[i, : len(seq.block_table)] = seq.block_table
+        tables = _block_tables(sched.seqs)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -148,6 +145,7 @@ class ModelRunner:
             query_lens=list(sched.num_new_tokens),
             seq_lens=seq_lens,
             block_size=bs,
+            host_block_tables=tables,
         )
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -193,10 +191,7 @@ class ModelRunner:
         """The host-side inputs of a fixed-shape decode step, one row per sequence."""
         bs = self.block_size
         positions = np.array([seq.num_computed_tokens for seq in sched.seqs], dtype=np.int64)
-        width = max(len(seq.block_table) for seq in sched.seqs)
-        tables = np.zeros((len(sched.seqs), width), dtype=np.int32)
-        for i, seq in enumerate(sched.seqs):
-            tables[i, : len(seq.block_table)] = seq.block_table
+        tables = _block_tables(sched.seqs)
         blocks = tables[np.arange(len(sched.seqs)), positions // bs].astype(np.int64)
         return DecodeBatch(
             input_ids=np.array([seq.token_id(int(p)) for seq, p in zip(sched.seqs, positions, strict=True)]),
@@ -248,3 +243,11 @@ class ModelRunner:
             for k in list(seq.image_embeds):
                 if seq.image_row_start[k + 1] <= b:
                     del seq.image_embeds[k]
+
+
+def _block_tables(seqs: list[Sequence]) -> np.ndarray:
+    """[S, longest block table] int32, each sequence's table zero-padded on the right."""
+    tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int32)
+    for i, seq in enumerate(seqs):
+        tables[i, : len(seq.block_table)] = seq.block_table
+    return tables

@@ -66,7 +66,9 @@ class AttentionMetadata:
     _plans: dict[int | None, tuple[list[DecodePlan], list[PrefillPlan], ChunkPiecesPlan | None]] = field(
         default_factory=dict, repr=False
     )
-    _block_tables_host: np.ndarray | None = field(default=None, repr=False)
+    # The same tables on the host, where the caller built them (the decode plans are made there);
+    # copied back from the device when not given.
+    host_block_tables: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -79,7 +81,8 @@ class AttentionMetadata:
             self._plans[chunk_size] = self._build(chunk_size)
         return self._plans[chunk_size]
 
-    def _key_window(self, total: int, first_q: int, chunk_size: int | None) -> int:
+    @staticmethod
+    def _key_window(first_q: int, chunk_size: int | None) -> int:
         """First key position a sequence's queries may see: its chunk start, or 0."""
         return 0 if chunk_size is None else (first_q // chunk_size) * chunk_size
 
@@ -109,7 +112,7 @@ class AttentionMetadata:
         windows = []  # (decode index, first key position, total) of each decode
         for s_i in decode_idx:
             total = self.seq_lens[s_i]
-            windows.append((s_i, self._key_window(total, total - 1, chunk_size), total))
+            windows.append((s_i, self._key_window(total - 1, chunk_size), total))
         rows = dict(zip(decode_idx, decode_rows, strict=True))
         decodes = [self._decode_group(g, rows) for g in _length_groups(windows)]
         return decodes, prefills, self._chunk_pieces(pieces, chunk_size) if pieces else None
@@ -141,7 +144,7 @@ class AttentionMetadata:
         key_pos = start[:, None] + np.arange(int((total - start).max()))  # [S_d, K]
         valid = key_pos < total[:, None]
         key_pos = np.where(valid, key_pos, 0)
-        blocks = np.take_along_axis(self.block_tables_host[seq], key_pos // bs, axis=1)
+        blocks = np.take_along_axis(self._host_tables()[seq], key_pos // bs, axis=1)
         slots = blocks.astype(np.int64) * bs + key_pos % bs
         return DecodePlan(
             torch.tensor([rows[s] for s in seq.tolist()], device=device),
@@ -149,11 +152,10 @@ class AttentionMetadata:
             torch.from_numpy(valid[:, None, None, :]).to(device),
         )
 
-    @property
-    def block_tables_host(self) -> np.ndarray:
-        if self._block_tables_host is None:
-            self._block_tables_host = self.block_tables.cpu().numpy()
-        return self._block_tables_host
+    def _host_tables(self) -> np.ndarray:
+        if self.host_block_tables is None:
+            self.host_block_tables = self.block_tables.cpu().numpy()
+        return self.host_block_tables
 
 
 @dataclass
