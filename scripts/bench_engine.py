@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections import deque
@@ -53,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_machine import BUSY_WARN, Meter, load_avg, machine_info, wait_for_quiet
+from bench_report import chart, markdown
 
 import maverick
 from maverick.engine.llm_engine import EngineConfig, LLMEngine
@@ -64,7 +63,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = Path(maverick.__file__).parent / "data" / "tokenizer_corpus.txt"
 TARGETS = {32: 3.0, 1: 1.0}  # concurrency -> engine/transformers output tokens/s at least
 CHECK_FIRST = 4  # requests per level whose tokens must agree between the two sides
-BUSY_WARN = 0.25  # cores' worth of CPU used by other processes during a run: its numbers are suspect
 
 
 # -- workload ------------------------------------------------------------------------------------
@@ -244,49 +242,6 @@ def unpadded(reqs: list[Request], c: int) -> list[int]:
     return out
 
 
-# -- CPU sharing ---------------------------------------------------------------------------------
-def machine_busy_s() -> float | None:
-    """CPU seconds the whole machine has spent busy (steal included), from /proc/stat."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class Meter:
-    """Wall time of a run and how many cores other processes kept busy meanwhile: on a shared
-    machine a side that runs while something else computes is slowed, far more than its share
-    when torch's threads wait for each other."""
-
-    def __enter__(self) -> Meter:
-        self.busy0, self.cpu0, self.t0 = machine_busy_s(), time.process_time(), time.monotonic()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.monotonic() - self.t0
-        busy1, cpu1 = machine_busy_s(), time.process_time()
-        self.other_cores = (
-            None
-            if busy1 is None or self.busy0 is None
-            else max(0.0, (busy1 - self.busy0) - (cpu1 - self.cpu0)) / self.wall
-        )
-
-
-def wait_for_quiet(max_wait: float) -> float | None:
-    """Wait (up to max_wait seconds) until other processes leave the cores alone for a second;
-    returns the cores they used in the last second."""
-    if max_wait <= 0:
-        return None
-    deadline = time.monotonic() + max_wait
-    while True:
-        with Meter() as m:
-            time.sleep(1.0)
-        if m.other_cores is None or m.other_cores < BUSY_WARN or time.monotonic() >= deadline:
-            return m.other_cores
-
-
 # -- metrics -------------------------------------------------------------------------------------
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
@@ -310,134 +265,6 @@ def metrics(recs: list[Record], wall: float, meter: Meter) -> dict:
         "e2e_s": percentiles([r["e2e_s"] for r in rows]),
         "per_request": rows,
     }
-
-
-# -- environment ---------------------------------------------------------------------------------
-def machine_info(args, threads: int) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "dtype": args.dtype,
-        "experts": args.experts,
-        "hf_attn_implementation": args.hf_attn,
-        "git": commit,
-    }
-
-
-def load_avg() -> list[float] | None:
-    # Other processes on the same cores make both sides slower and noisier; the numbers say so.
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-# -- reports -------------------------------------------------------------------------------------
-def ms(x: float | None) -> str:
-    return "—" if x is None else f"{x * 1000:.1f}"
-
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [
-        "# Engine vs transformers `generate` (same checkpoint, same workload, one process)",
-        "",
-        f"{m['cpu']}, {m['cpus_usable']} usable cores, {m['torch_threads']} torch threads; "
-        f"torch {m['torch']}, transformers {m['transformers']}; {m['dtype']}, experts {m['experts']}, "
-        f"transformers attention {m['hf_attn_implementation']}; git {m['git']}",
-        "",
-        f"Workload: prompts {result['workload']['prompt_len']} tokens, outputs "
-        f"{result['workload']['output_len']} tokens (uniform), greedy; closed loop of c clients; "
-        f"fastest of {result['workload']['repeat']} attempt(s) per side. Times in ms.",
-        "",
-        "| c | side | req | out tok/s | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 "
-        "| speedup |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for lvl in result["levels"]:
-        for side in ("engine", "transformers"):
-            s = lvl[side]
-            speed = f"{lvl['speedup']:.2f}×" if side == "engine" else ""
-            lines.append(
-                f"| {lvl['concurrency']} | {side} | {s['requests']} | {s['output_tokens_per_s']:.1f} "
-                f"| {s['requests_per_s']:.2f} | {ms(s['ttft_s']['p50'])} | {ms(s['ttft_s']['p99'])} "
-                f"| {ms(s['itl_s']['p50'])} | {ms(s['itl_s']['p99'])} | {ms(s['e2e_s']['p50'])} "
-                f"| {ms(s['e2e_s']['p99'])} | {speed} |"
-            )
-    lines.append("")
-    for t in result["targets"]:
-        state = "not measured" if t["speedup"] is None else ("met" if t["met"] else "MISSED")
-        got = "" if t["speedup"] is None else f": {t['speedup']:.2f}×"
-        lines.append(f"- target at c={t['concurrency']}: ≥ {t['at_least']:g}× transformers{got} ({state})")
-    for lvl in result["levels"]:
-        c = lvl["concurrency"]
-        same = "identical" if lvl["tokens_match"] == lvl["tokens_checked"] else "NOT identical"
-        line = (
-            f"- c={c}: tokens {same} on both sides for {lvl['tokens_match']}/{lvl['tokens_checked']} "
-            "checked requests (unpadded in transformers)"
-        )
-        if lvl["padded_requests"]:
-            line += (
-                f"; left-padded rows (not exact in transformers' Llama 4): "
-                f"{lvl['padded_requests_same_tokens']}/{lvl['padded_requests']} identical"
-            )
-        lines.append(line)
-        for side in ("engine", "transformers"):
-            other = lvl[side]["other_processes_cores"]
-            if other is not None and other > BUSY_WARN:
-                lines.append(f"- c={c}: other processes used {other:.2f} cores during the {side} run")
-    return "\n".join(lines) + "\n"
-
-
-def chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cs = [lvl["concurrency"] for lvl in result["levels"]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for side, color in (("engine", "tab:blue"), ("transformers", "tab:orange")):
-        tput = [lvl[side]["output_tokens_per_s"] for lvl in result["levels"]]
-        ttft = [lvl[side]["ttft_s"]["p50"] * 1000 for lvl in result["levels"]]
-        itl = [(lvl[side]["itl_s"]["p50"] or float("nan")) * 1000 for lvl in result["levels"]]
-        ax1.plot(cs, tput, "o-", color=color, label=side)
-        ax2.plot(cs, ttft, "o-", color=color, label=f"{side} TTFT")
-        ax2.plot(cs, itl, "s:", color=color, label=f"{side} ITL")
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.set_xlabel("concurrent requests")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    ax1.set_ylabel("output tokens/s")
-    ax1.set_title("Throughput")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("ms")
-    ax2.set_title("Latency (p50)")
-    fig.suptitle(f"tiny Maverick, {result['machine']['dtype']}, {result['machine']['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -- main ----------------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""scripts/bench_engine.py's report: the Markdown table and the chart, from its result dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench_machine import BUSY_WARN
+
+
+# -- reports -------------------------------------------------------------------------------------
+def ms(x: float | None) -> str:
+    return "—" if x is None else f"{x * 1000:.1f}"
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Engine vs transformers `generate` (same checkpoint, same workload, one process)",
+        "",
+        f"{m['cpu']}, {m['cpus_usable']} usable cores, {m['torch_threads']} torch threads; "
+        f"torch {m['torch']}, transformers {m['transformers']}; {m['dtype']}, experts {m['experts']}, "
+        f"transformers attention {m['hf_attn_implementation']}; git {m['git']}",
+        "",
+        f"Workload: prompts {result['workload']['prompt_len']} tokens, outputs "
+        f"{result['workload']['output_len']} tokens (uniform), greedy; closed loop of c clients; "
+        f"fastest of {result['workload']['repeat']} attempt(s) per side. Times in ms.",
+        "",
+        "| c | side | req | out tok/s | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | E2E p50 | E2E p99 "
+        "| speedup |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lvl in result["levels"]:
+        for side in ("engine", "transformers"):
+            s = lvl[side]
+            speed = f"{lvl['speedup']:.2f}×" if side == "engine" else ""
+            lines.append(
+                f"| {lvl['concurrency']} | {side} | {s['requests']} | {s['output_tokens_per_s']:.1f} "
+                f"| {s['requests_per_s']:.2f} | {ms(s['ttft_s']['p50'])} | {ms(s['ttft_s']['p99'])} "
+                f"| {ms(s['itl_s']['p50'])} | {ms(s['itl_s']['p99'])} | {ms(s['e2e_s']['p50'])} "
+                f"| {ms(s['e2e_s']['p99'])} | {speed} |"
+            )
+    lines.append("")
+    for t in result["targets"]:
+        state = "not measured" if t["speedup"] is None else ("met" if t["met"] else "MISSED")
+        got = "" if t["speedup"] is None else f": {t['speedup']:.2f}×"
+        lines.append(f"- target at c={t['concurrency']}: ≥ {t['at_least']:g}× transformers{got} ({state})")
+    for lvl in result["levels"]:
+        c = lvl["concurrency"]
+        same = "identical" if lvl["tokens_match"] == lvl["tokens_checked"] else "NOT identical"
+        line = (
+            f"- c={c}: tokens {same} on both sides for {lvl['tokens_match']}/{lvl['tokens_checked']} "
+            "checked requests (unpadded in transformers)"
+        )
+        if lvl["padded_requests"]:
+            line += (
+                f"; left-padded rows (not exact in transformers' Llama 4): "
+                f"{lvl['padded_requests_same_tokens']}/{lvl['padded_requests']} identical"
+            )
+        lines.append(line)
+        for side in ("engine", "transformers"):
+            other = lvl[side]["other_processes_cores"]
+            if other is not None and other > BUSY_WARN:
+                lines.append(f"- c={c}: other processes used {other:.2f} cores during the {side} run")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [lvl["concurrency"] for lvl in result["levels"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for side, color in (("engine", "tab:blue"), ("transformers", "tab:orange")):
+        tput = [lvl[side]["output_tokens_per_s"] for lvl in result["levels"]]
+        ttft = [lvl[side]["ttft_s"]["p50"] * 1000 for lvl in result["levels"]]
+        itl = [(lvl[side]["itl_s"]["p50"] or float("nan")) * 1000 for lvl in result["levels"]]
+        ax1.plot(cs, tput, "o-", color=color, label=side)
+        ax2.plot(cs, ttft, "o-", color=color, label=f"{side} TTFT")
+        ax2.plot(cs, itl, "s:", color=color, label=f"{side} ITL")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cs, [str(c) for c in cs])
+        ax.set_xlabel("concurrent requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("output tokens/s")
+    ax1.set_title("Throughput")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("ms")
+    ax2.set_title("Latency (p50)")
+    fig.suptitle(f"tiny Maverick, {result['machine']['dtype']}, {result['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
