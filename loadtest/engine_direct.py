@@ -6,7 +6,8 @@ what Triton costs.
         [--engine key=value ...] --out results/loadtest/direct
 
 Everything but Triton is the same as in the Locust run. The engine is `AsyncEngine` configured like
-the served `maverick` model (its config.pbtxt parameters, then --engine overrides). The load is the
+the served `maverick` model (its config.pbtxt parameters, then --engine overrides), except that it
+keeps torch's default threads (`cpu_threads=none`): alone, it has every core. The load is the
 same closed loop: users are added at each level boundary and each sends its next request as soon
 as its previous one is done, taking requests from the same workload file in the same order. Each
 request does the server's per-request work in the user (chat template, tokenization, image tiling:
@@ -39,7 +40,7 @@ class DirectRun:
         from maverick.serving.request import fit_max_tokens, numpy_inputs, parse_request
 
         self._parse = lambda fields: fit_max_tokens(
-            parse_request(numpy_inputs(fields), tokenizer, defaults), engine.engine.max_model_len
+            parse_request(numpy_inputs(fields), tokenizer, defaults), engine.max_model_len
         )
         self.engine, self.load, self.warmup = engine, load, warmup
         self.records = open(records_path, "w")  # noqa: SIM115 - closed by run()
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from maverick.serving.model_dir import generation_defaults
     from maverick.tokenizer import Tokenizer
 
-    params = engine_parameters(args.model_dir, dict(kv.split("=", 1) for kv in args.engine))
+    overrides = {"cpu_threads": "none", **dict(kv.split("=", 1) for kv in args.engine)}
+    params = engine_parameters(args.model_dir, overrides)
     config = engine_config(params, ROOT)
     engine = AsyncEngine(config)
     levels = [int(x) for x in args.levels.split(",")]

@@ -54,6 +54,8 @@ def role(proc: psutil.Process) -> str | None:
     for step in STEPS:
         if f"model_repository/{step}/1/model.py" in cmd:
             return f"stub:{step}"
+    if "maverick.engine.engine_core" in cmd:
+        return "engine core"  # the maverick model's engine process
     if "bin/tritonserver" in cmd:
         return "tritonserver"
     if "-m locust" in cmd:
@@ -304,7 +306,14 @@ def record_markdown(rec: dict) -> str:
             f"{statistics.median(overheads) * 100:.0f}% (range {overheads[0] * 100:.0f}% to "
             f"{overheads[-1] * 100:.0f}%).",
         ]
-    roles = ["stub:maverick", "tritonserver", "stub:preprocessing", "stub:postprocessing", "locust"]
+    roles = [
+        "engine core",
+        "stub:maverick",
+        "tritonserver",
+        "stub:preprocessing",
+        "stub:postprocessing",
+        "locust",
+    ]
     lines += [
         "",
         "CPU cores in use per process (CPU seconds / wall seconds over each level after its warm-up):",

@@ -56,7 +56,11 @@ def test_smoke_run_over_grpc_and_http_passes_with_every_metric(triton, tmp_path)
     requests, levels = report.read_records(tmp_path / "records.jsonl")
     assert [lv["level"] for lv in levels] == [4]
     assert {r["protocol"] for r in requests} == {"grpc", "http"}
-    assert all(r["ok"] and r["output_tokens"] == 12 and r["responses"] == 12 for r in requests)
+    assert all(r["ok"] and r["output_tokens"] == 12 for r in requests)
+    # Streamed: a response per engine step, but updates that queued while one was being sent leave
+    # merged (a busy box merges a few), so at most one per token and on average well above one.
+    responses = [r["responses"] for r in requests]
+    assert all(1 <= n <= 12 for n in responses) and sum(responses) / len(responses) > 6, responses
     # Locust saw the requests, by protocol, without failures. (Its CSV is a snapshot it rewrites
     # every second, so the last second's requests may be missing there; the records are exact.)
     stats = (tmp_path / "locust_stats.csv").read_text().splitlines()

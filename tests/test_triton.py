@@ -53,8 +53,10 @@ IMAGE_CHAT = dict(
 
 @pytest.fixture(scope="module")
 def direct(tiny_ckpt):
-    """The engine on its own, configured exactly as the served `maverick` model."""
-    engine = LLMEngine(engine_config(engine_parameters(tiny_ckpt), REPOSITORY.parent))
+    """The engine on its own, configured exactly as the served `maverick` model (but for its
+    torch threads, which are process-wide: this process keeps its own)."""
+    params = engine_parameters(tiny_ckpt, {"cpu_threads": "none"})
+    engine = LLMEngine(engine_config(params, REPOSITORY.parent))
     tokenizer = Tokenizer.from_dir(tiny_ckpt)
     defaults = generation_defaults(tiny_ckpt)
 

@@ -16,15 +16,12 @@ event loop finalises it or closes.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput
+from maverick.engine.output_streams import OutputStreams
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt, Sequence
 
@@ -32,41 +29,15 @@ log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped; no request can be served."""
+    """The engine stopped; no request can be served."""
 
 
 class EngineOverloadedError(RuntimeError):
     """Too many requests are waiting; this one is refused rather than queued without bound."""
 
 
-@dataclass
-class _Request:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-
-def _merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """Two consecutive updates of one request as one: deltas joined, totals and state from `then`."""
-    logprobs = (
-        None
-        if first.logprobs is None and then.logprobs is None
-        else (first.logprobs or []) + (then.logprobs or [])
-    )
-    return dataclasses.replace(
-        then,
-        token_ids=first.token_ids + then.token_ids,
-        text=first.text + then.text,
-        logprobs=logprobs,
-        first_token_time=first.first_token_time
-        if first.first_token_time is not None
-        else then.first_token_time,
-        token_times=first.token_times + then.token_times,
-    )
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
-    for queue, item in batch:
-        queue.put_nowait(item)
+def overloaded(num_waiting: int) -> EngineOverloadedError:
+    return EngineOverloadedError(f"the server is overloaded: {num_waiting} requests are waiting; retry later")
 
 
 class AsyncEngine:
@@ -76,13 +47,16 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._new: list[Sequence] = []
         self._aborts: list[str] = []
-        self._requests: dict[str, _Request] = {}
+        self._streams = OutputStreams()
         self._stop = False
         self._error: BaseException | None = None
-        self._tokens_window: list[tuple[float, int]] = []  # (time, tokens) of recent steps
         self._stats = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="maverick-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
 
     # -- public API ------------------------------------------------------------------------------
     async def generate(
@@ -90,34 +64,17 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         self._check_alive()
         seq = self.engine.make_sequence(request_id, prompt, params)  # raises RequestError
-        loop = asyncio.get_running_loop()
-        req = _Request(loop, asyncio.Queue())
+        stream = self._streams.open(request_id)  # raises RequestError on a duplicate id
         with self._lock:
-            if request_id in self._requests:
-                raise RequestError(f"request id {request_id!r} is already in use")
             waiting = len(self._new) + int(self._stats["num_waiting"])
             if waiting >= self.engine.config.max_num_waiting:
-                raise EngineOverloadedError(
-                    f"the server is overloaded: {waiting} requests are waiting; retry later"
-                )
-            self._requests[request_id] = req
+                self._streams.close(request_id)
+                raise overloaded(waiting)
             self._new.append(seq)
             self._wake.notify()
         finished = False
-        held: RequestOutput | BaseException | None = None  # taken from the queue, not yet handled
         try:
-            while not finished:
-                item, held = held if held is not None else await req.queue.get(), None
-                if isinstance(item, BaseException):
-                    raise item
-                # Updates that queued while the caller was busy leave as one: a slow consumer
-                # (e.g. one Triton response per update) catches up instead of falling behind.
-                while not item.finished and not req.queue.empty():
-                    later = req.queue.get_nowait()
-                    if isinstance(later, BaseException):
-                        held = later
-                        break
-                    item = _merge(item, later)
+            async for item in self._streams.iterate(stream):
                 finished = item.finished
                 yield item
         finally:
@@ -159,65 +116,26 @@ class AsyncEngine:
                         break
                     new, self._new = self._new, []
                     aborts, self._aborts = self._aborts, []
-                outputs: list[RequestOutput] = []
+                items: list[tuple[str, RequestOutput | BaseException]] = []
                 for seq in new:
                     try:
                         self.engine.add_sequence(seq)
                     except RequestError as e:
-                        self._deliver([(seq.request_id, e)])
+                        items.append((seq.request_id, e))
                 for request_id in aborts:
                     if (out := self.engine.abort(request_id)) is not None:
-                        outputs.append(out)
+                        items.append((request_id, out))
                 if self.engine.has_unfinished():
-                    outputs += self.engine.step()
-                self._deliver([(out.request_id, out) for out in outputs])
-                self._update_stats(outputs)
+                    items += [(out.request_id, out) for out in self.engine.step()]
+                orphans = self._streams.deliver(items)
+                stats = self.engine.stats()
+                with self._lock:
+                    self._aborts += orphans
+                    self._stats = stats
         except BaseException as e:  # noqa: BLE001 - report to every waiting caller, then stop
             log.exception("engine thread died")
             self._error = e
         finally:
-            self._fail_all(
+            self._streams.fail_all(
                 EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "shut down")
             )
-
-    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        """Hand a step's outputs to their callers: one wake-up per event loop, not one per output."""
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]
-        ] = {}
-        with self._lock:
-            for request_id, item in items:
-                req = self._requests.get(request_id)
-                if req is None:
-                    continue
-                if isinstance(item, BaseException) or item.finished:
-                    del self._requests[request_id]
-                by_loop.setdefault(req.loop, []).append((req.queue, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that event loop is closed: none of its requests has a listener
-                with self._lock:
-                    for request_id, req in list(self._requests.items()):
-                        if req.loop is loop:
-                            del self._requests[request_id]
-                            self._aborts.append(request_id)
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            requests, self._requests = self._requests, {}
-        for req in requests.values():
-            try:
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, error)
-            except RuntimeError:
-                pass  # that caller's loop is already closed
-
-    def _update_stats(self, outputs: list[RequestOutput]) -> None:
-        now = time.monotonic()
-        self._tokens_window.append((now, sum(len(o.token_ids) for o in outputs)))
-        self._tokens_window = [(t, n) for t, n in self._tokens_window if now - t <= 5.0]
-        span = now - self._tokens_window[0][0]
-        stats = self.engine.stats()
-        stats["generation_tokens_per_s"] = sum(n for _, n in self._tokens_window) / span if span > 0 else 0.0
-        with self._lock:
-            self._stats = stats

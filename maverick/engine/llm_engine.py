@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from maverick.engine.stop import StopStringMatcher
 from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
+
+# generation_tokens_per_s in stats() is measured over the steps of this many recent seconds
+RATE_WINDOW_S = 5.0
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +59,10 @@ class EngineConfig:
     # CUDA). "reference" by default until the fixed-shape path is validated on a GPU: that is what
     # scripts/gpu_check.py checks.
     decode_path: DecodePath = "reference"
+    # torch's intra-op threads for this process (CPU compute); None: torch's default, one per core.
+    # Behind Triton on the CPU, fewer than the cores: the server, the other models and the clients
+    # need cores too, and a parallel region whose threads are descheduled waits for the slowest.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -63,6 +71,8 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be at least 1 (or None for torch's default)")
 
 
 @dataclass
@@ -96,6 +106,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = torch.device(config.device)
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process
         self.model = load_model(
             config.model_dir, dtype=_DTYPES[config.dtype], device=self.device, experts=config.experts
         )
@@ -123,6 +135,7 @@ class LLMEngine:
         self.streams: dict[str, _Stream] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self._token_marks: deque[tuple[float, int]] = deque()  # (time, generated total) after recent steps
 
     def _num_kv_blocks(self) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size)
@@ -252,6 +265,9 @@ class LLMEngine:
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(sample_seqs, sampled.token_ids, strict=True)):
             outputs.append(self._append_token(seq, token, sampled.logprobs[i], now))
+        self._token_marks.append((now, self.num_generated_tokens))
+        while now - self._token_marks[0][0] > RATE_WINDOW_S:
+            self._token_marks.popleft()
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None, now: float) -> RequestOutput:
@@ -340,4 +356,13 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.num_prompt_tokens,
             "generated_tokens_total": self.num_generated_tokens,
+            "generation_tokens_per_s": self._generation_rate(),
         }
+
+    def _generation_rate(self) -> float:
+        """Tokens per second over the steps of the last RATE_WINDOW_S seconds (0 when idle)."""
+        marks = self._token_marks
+        if len(marks) < 2 or time.monotonic() - marks[-1][0] > RATE_WINDOW_S:
+            return 0.0
+        (t0, n0), (t1, n1) = marks[0], marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0

@@ -1,8 +1,9 @@
 """Triton adapter for the engine: lifecycle and threads only.
 
-The engine runs on its own thread (AsyncEngine); this model runs an asyncio loop on another, where
-one coroutine per request streams the engine's outputs back through the request's response
-sender. execute() only schedules those coroutines. Every request ends with exactly one FINAL flag,
+The engine runs in its own process (EngineClient: its own interpreter, so the engine loop never
+waits for the GIL while this stub builds and sends responses); this model runs an asyncio loop on
+a thread, where one coroutine per request streams the engine's outputs back through the request's
+response sender. execute() only schedules those coroutines. Every request ends with exactly one FINAL flag,
 also when it fails or is cancelled. The engine request is aborted (its KV blocks freed) when
 Triton marks the request cancelled (a direct call), when a response cannot be delivered, or when
 an `abort` request names it (how postprocessing passes on a cancelled ensemble request, and how a
@@ -23,7 +24,8 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from maverick_metrics import EngineMetrics  # noqa: E402
 
-from maverick.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError  # noqa: E402
+from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError  # noqa: E402
+from maverick.engine.engine_client import EngineClient  # noqa: E402
 from maverick.engine.llm_engine import RequestError  # noqa: E402
 from maverick.serving.engine_args import engine_config  # noqa: E402
 from maverick.serving.model_dir import project_root  # noqa: E402
@@ -41,7 +43,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
         device_id = int(args.get("model_instance_device_id") or 0)
-        self.engine = AsyncEngine(engine_config(params, project_root(args["model_repository"]), device_id))
+        self.engine = EngineClient(engine_config(params, project_root(args["model_repository"]), device_id))
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(
             target=self.loop.run_forever, name="maverick-requests", daemon=True
@@ -79,7 +81,7 @@ class TritonPythonModel:
                 if tensor is None:
                     raise InvalidRequest(f"input {name} is required (or abort)")
                 tensors[name] = tensor.as_numpy()
-            req = fit_max_tokens(from_tensors(tensors), self.engine.engine.max_model_len)
+            req = fit_max_tokens(from_tensors(tensors), self.engine.max_model_len)
         except InvalidRequest as e:
             return _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"

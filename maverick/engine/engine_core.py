@@ -1,0 +1,108 @@
+"""The engine in its own process: the loop an `EngineClient` talks to over a socket.
+
+    python -m maverick.engine.engine_core FD
+
+Why a process: in Triton's Python backend the engine thread shared one GIL with the stub's
+per-response Python (building and sending every streamed response), and each lost the other's
+time; here the engine has an interpreter to itself and the serving process only moves messages.
+
+Protocol, one pickled tuple per message on a stream socket (framed by
+`multiprocessing.connection.Connection`; plain pickle, tensors by value):
+  client -> core: ("config", EngineConfig) first, then ("add", request_id, Prompt, SamplingParams),
+                  ("abort", request_id), ("shutdown",)
+  core -> client: ("ready", {"max_model_len": int, "stats": dict}) or ("failed", message) first,
+                  then ("step", [RequestOutput], [(request_id, kind, message)], stats) after every
+                  turn that produced something (kind: "request" = refused as invalid,
+                  "overloaded" = too many waiting), and ("died", message) if the loop itself fails.
+The core stops on "shutdown" or when the client's end closes (the serving process is gone): it
+never outlives its parent, and SIGINT (a terminal's Ctrl-C to the whole group) is left to the
+client to pass on as "shutdown".
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+from maverick.engine.async_engine import overloaded
+from maverick.engine.llm_engine import LLMEngine, RequestError, RequestOutput
+
+log = logging.getLogger("maverick.engine_core")
+
+
+def send(conn: Connection, message: tuple) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> tuple:
+    return pickle.loads(conn.recv_bytes())
+
+
+def run(conn: Connection, engine: LLMEngine) -> None:
+    """Serve until "shutdown" (returns) or the client's end closes (EOFError, OSError)."""
+    max_waiting = engine.config.max_num_waiting
+    while True:
+        # Block while idle; with work, take only what has arrived and step.
+        messages = [] if engine.has_unfinished() else [recv(conn)]
+        while conn.poll():
+            messages.append(recv(conn))
+        outputs: list[RequestOutput] = []
+        errors: list[tuple[str, str, str]] = []
+        for message in messages:
+            kind = message[0]
+            if kind == "add":
+                _, request_id, prompt, params = message
+                waiting = len(engine.scheduler.waiting)
+                if waiting >= max_waiting:
+                    errors.append((request_id, "overloaded", str(overloaded(waiting))))
+                    continue
+                try:
+                    engine.add_request(request_id, prompt, params)
+                except RequestError as e:
+                    errors.append((request_id, "request", str(e)))
+            elif kind == "abort":
+                if (out := engine.abort(message[1])) is not None:
+                    outputs.append(out)
+            elif kind == "shutdown":
+                return
+            else:
+                raise ValueError(f"unknown message {kind!r}")
+        if engine.has_unfinished():
+            outputs += engine.step()
+        if outputs or errors:
+            send(conn, ("step", outputs, errors, engine.stats()))
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="maverick engine core: %(levelname)s %(message)s")
+    conn = Connection(int(argv[0]))
+    try:
+        kind, config = recv(conn)
+        if kind != "config":
+            raise ValueError(f"expected the config first, got {kind!r}")
+        try:
+            engine = LLMEngine(config)
+        except Exception as e:  # noqa: BLE001 - reported to the client, which raises it
+            log.exception("engine failed to start")
+            send(conn, ("failed", f"{type(e).__name__}: {e}"))
+            return 1
+        send(conn, ("ready", {"max_model_len": engine.max_model_len, "stats": engine.stats()}))
+        run(conn, engine)
+        return 0
+    except (EOFError, OSError):
+        return 0  # the client is gone: nothing to serve
+    except BaseException as e:  # noqa: BLE001 - tell the client why, then stop
+        log.exception("engine core died")
+        try:
+            send(conn, ("died", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,130 @@
+"""Per-request output streams, fed from a thread that is not the caller's.
+
+The engine's outputs are produced on one thread (the in-process engine loop, or the reader of an
+engine process) and consumed by coroutines on any number of asyncio event loops. Each request has
+an asyncio queue on its caller's loop; a batch of outputs wakes each loop once (one
+`call_soon_threadsafe` per loop per step, not one per output). Updates that queued while the caller
+was busy leave merged, so a slow consumer (e.g. one Triton response per update) catches up instead
+of falling behind. Used by `AsyncEngine` and `EngineClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from maverick.engine.llm_engine import RequestError, RequestOutput
+
+Item = RequestOutput | BaseException  # an exception ends its stream with that error
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive updates of one request as one: deltas joined, totals and state from `then`."""
+    logprobs = (
+        None
+        if first.logprobs is None and then.logprobs is None
+        else (first.logprobs or []) + (then.logprobs or [])
+    )
+    return dataclasses.replace(
+        then,
+        token_ids=first.token_ids + then.token_ids,
+        text=first.text + then.text,
+        logprobs=logprobs,
+        first_token_time=first.first_token_time
+        if first.first_token_time is not None
+        else then.first_token_time,
+        token_times=first.token_times + then.token_times,
+    )
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Item]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
+class OutputStreams:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: dict[str, _Stream] = {}
+        self._closed: BaseException | None = None  # set by fail_all: no stream opens any more
+
+    def open(self, request_id: str) -> _Stream:
+        """Register a request on the running event loop (call from that loop). Raises the error
+        that closed the streams (the engine stopped), so a request never waits on a dead engine."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._closed is not None:
+                raise type(self._closed)(*self._closed.args)
+            if request_id in self._streams:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        return stream
+
+    def close(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    async def iterate(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        """The stream's updates up to the finished one; an exception item is raised."""
+        held: Item | None = None  # taken from the queue, not yet handled
+        while True:
+            item, held = held if held is not None else await stream.queue.get(), None
+            if isinstance(item, BaseException):
+                raise item
+            while not item.finished and not stream.queue.empty():
+                later = stream.queue.get_nowait()
+                if isinstance(later, BaseException):
+                    held = later
+                    break
+                item = merge(item, later)
+            yield item
+            if item.finished:
+                return
+
+    def deliver(self, items: list[tuple[str, Item]]) -> list[str]:
+        """Hand a batch of updates to their callers (from any thread): one wake-up per event loop.
+        A stream ends with its finished update or an exception. Returns the ids of requests whose
+        event loop is closed (nobody listens: the caller should abort them)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Item]]] = {}
+        with self._lock:
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is None:
+                    continue
+                if isinstance(item, BaseException) or item.finished:
+                    del self._streams[request_id]
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        orphans: list[str] = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: none of its requests has a listener
+                with self._lock:
+                    for request_id, stream in list(self._streams.items()):
+                        if stream.loop is loop:
+                            del self._streams[request_id]
+                            orphans.append(request_id)
+        return orphans
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every open stream with `error`, and refuse new ones with it (the engine stopped)."""
+        with self._lock:
+            self._closed = error
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            except RuntimeError:
+                pass  # that caller's loop is already closed

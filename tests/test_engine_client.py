@@ -1,0 +1,209 @@
+"""The engine in its own process (EngineClient + engine_core): same tokens as in-process, errors per
+request, aborts free blocks, a dead child fails every stream, and the child never outlives us."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError
+from maverick.engine.engine_client import EngineClient
+from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError
+from maverick.engine.sampling_params import SamplingParams
+from maverick.engine.sequence import Prompt
+from maverick.serving.engine_args import EngineArgsError, engine_config
+from maverick.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _config(tiny_ckpt, **kwargs) -> EngineConfig:
+    settings = {"dtype": "float32", "experts": "dequant", "num_kv_blocks": 128, "cpu_threads": 1}
+    return EngineConfig(model_dir=str(tiny_ckpt), **{**settings, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def client(tiny_ckpt):
+    engine = EngineClient(_config(tiny_ckpt))
+    yield engine
+    engine.shutdown()
+    assert not engine.healthy()
+
+
+def _prompts(tiny_ckpt, n: int) -> list[Prompt]:
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    return [Prompt(tok.encode(f"Prompt {i}: say something about {i * 13}.", add_bos=True)) for i in range(n)]
+
+
+async def _collect(engine, request_id, prompt, params=GREEDY):
+    ids, text, last = [], "", None
+    async for out in engine.generate(request_id, prompt, params):
+        ids += out.token_ids
+        text += out.text
+        last = out
+    return ids, text, last
+
+
+def _wait_for(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_concurrent_streams_equal_the_engine_in_process(client, tiny_ckpt):
+    prompts = _prompts(tiny_ckpt, 5)
+    local = LLMEngine(_config(tiny_ckpt, cpu_threads=None))
+    expected = {f"r{i}": ([], "") for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        local.add_request(f"r{i}", p, GREEDY)
+    while local.has_unfinished():
+        for out in local.step():
+            ids, text = expected[out.request_id]
+            expected[out.request_id] = (ids + out.token_ids, text + out.text)
+
+    async def main():
+        return await asyncio.gather(*(_collect(client, f"r{i}", p) for i, p in enumerate(prompts)))
+
+    for i, (ids, text, last) in enumerate(asyncio.run(main())):
+        assert (ids, text) == expected[f"r{i}"]
+        assert last.finished and last.finish_reason == "length" and last.num_output_tokens == 10
+        assert last.num_prompt_tokens == len(prompts[i].token_ids)
+        assert last.arrival_time <= last.first_token_time <= last.token_times[-1] <= time.monotonic()
+    assert client.healthy()
+
+
+def test_a_refused_request_fails_alone_with_the_engines_message(client, tiny_ckpt):
+    (prompt,) = _prompts(tiny_ckpt, 1)
+
+    async def main():
+        with pytest.raises(RequestError, match="the prompt is empty"):
+            await _collect(client, "empty", Prompt([]))
+        with pytest.raises(RequestError, match="exceed the model's context"):
+            await _collect(client, "long", prompt, SamplingParams(max_tokens=client.max_model_len))
+        with pytest.raises(RequestError, match="already in use"):
+            await asyncio.gather(_collect(client, "same", prompt), _collect(client, "same", prompt))
+        return await _collect(client, "fine", prompt)
+
+    ids, _, last = asyncio.run(main())
+    assert len(ids) == 10 and last.finish_reason == "length"
+
+
+def test_closing_a_stream_early_frees_its_blocks(client, tiny_ckpt):
+    (prompt,) = _prompts(tiny_ckpt, 1)
+
+    async def main():
+        stream = client.generate("early", prompt, SamplingParams(max_tokens=500, ignore_eos=True))
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                if out.num_output_tokens >= 2:
+                    break
+
+    asyncio.run(main())
+    assert _wait_for(lambda: client.stats()["num_running"] == 0 and client.stats()["kv_blocks_used"] == 0)
+
+
+def test_requests_beyond_the_waiting_limit_are_refused_and_the_rest_served(tiny_ckpt):
+    # One runs at a time and one may wait: of three long requests at once, the first always runs
+    # and at least one is refused, whatever the order the child reads them in.
+    engine = EngineClient(_config(tiny_ckpt, max_num_seqs=1, max_num_waiting=1))
+    prompts = _prompts(tiny_ckpt, 3)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    try:
+
+        async def main():
+            first = asyncio.ensure_future(_collect(engine, "a", prompts[0], params))
+            await asyncio.sleep(0)
+            rest = [_collect(engine, rid, p, params) for rid, p in (("b", prompts[1]), ("c", prompts[2]))]
+            return [await first, *await asyncio.gather(*rest, return_exceptions=True)]
+
+        results = asyncio.run(main())
+        assert len(results[0][0]) == 40
+        refused = [r for r in results[1:] if isinstance(r, EngineOverloadedError)]
+        assert refused and all("overloaded" in str(r) for r in refused)
+        assert all(isinstance(r, EngineOverloadedError) or len(r[0]) == 40 for r in results[1:])
+        assert len(asyncio.run(_collect(engine, "after", prompts[0], params))[0]) == 40
+    finally:
+        engine.shutdown()
+
+
+def test_a_dead_engine_process_fails_open_and_later_requests(tiny_ckpt):
+    engine = EngineClient(_config(tiny_ckpt))
+    (prompt,) = _prompts(tiny_ckpt, 1)
+
+    async def main():
+        seen = 0
+        with pytest.raises(EngineDeadError, match="status -9"):
+            async for _ in engine.generate("doomed", prompt, SamplingParams(max_tokens=500, ignore_eos=True)):
+                seen += 1
+                if seen == 1:
+                    os.kill(engine.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            await _collect(engine, "later", prompt)
+
+    try:
+        asyncio.run(main())
+        assert not engine.healthy()
+    finally:
+        engine.shutdown()
+
+
+def test_the_engine_process_exits_when_its_parent_dies(tiny_ckpt):
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import time
+                from maverick.engine.engine_client import EngineClient
+                from maverick.engine.llm_engine import EngineConfig
+                config = EngineConfig(model_dir={str(tiny_ckpt)!r}, dtype="float32", cpu_threads=1)
+                engine = EngineClient(config)
+                print(engine.pid, flush=True)
+                time.sleep(600)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def gone() -> bool:
+        try:
+            return child.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    assert _wait_for(gone), "the engine process outlived its parent"
+
+
+def test_a_failed_start_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        RuntimeError, match="the engine process did not start: ConfigError: .*missing: not a directory"
+    ):
+        EngineClient(EngineConfig(model_dir=str(tmp_path / "missing"), dtype="float32"))
+
+
+def test_cpu_threads_auto_is_half_the_cores_on_the_cpu(tiny_ckpt, tmp_path):
+    base = {"model_dir": str(tiny_ckpt), "device": "cpu"}
+    assert engine_config({**base, "cpu_threads": "auto"}, tmp_path).cpu_threads == max(1, os.cpu_count() // 2)
+    assert engine_config({**base, "cpu_threads": "3"}, tmp_path).cpu_threads == 3
+    assert engine_config({**base, "cpu_threads": "none"}, tmp_path).cpu_threads is None
+    with pytest.raises(EngineArgsError, match="cpu_threads must be at least 1"):
+        engine_config({**base, "cpu_threads": "0"}, tmp_path)
