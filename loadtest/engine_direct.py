@@ -5,9 +5,9 @@ what Triton costs.
         --levels 1,2,4,8 --duration 30 [--warmup 5] [--model-dir models/tiny-maverick] \\
         [--engine key=value ...] --out results/loadtest/direct
 
-Everything but Triton is the same as in the Locust run. The engine is `AsyncEngine` configured like
-the served `maverick` model (its config.pbtxt parameters, then --engine overrides), except that it
-keeps torch's default threads (`cpu_threads=none`): alone, it has every core. The load is the
+Everything but Triton is the same as in the Locust run. The engine is the one the `maverick` model
+runs: an `EngineClient` (the engine loop in a child process) configured like the served model (its
+config.pbtxt parameters, then --engine overrides). The load is the
 same closed loop: users are added at each level boundary and each sends its next request as soon
 as its previous one is done, taking requests from the same workload file in the same order. Each
 request does the server's per-request work in the user (chat template, tokenization, image tiling:
@@ -140,15 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    from maverick.engine.async_engine import AsyncEngine
+    from maverick.engine.engine_client import EngineClient
     from maverick.serving.engine_args import engine_config
     from maverick.serving.model_dir import generation_defaults
     from maverick.tokenizer import Tokenizer
 
-    overrides = {"cpu_threads": "none", **dict(kv.split("=", 1) for kv in args.engine)}
-    params = engine_parameters(args.model_dir, overrides)
+    params = engine_parameters(args.model_dir, dict(kv.split("=", 1) for kv in args.engine))
     config = engine_config(params, ROOT)
-    engine = AsyncEngine(config)
+    engine = EngineClient(config)
     levels = [int(x) for x in args.levels.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     load = workload.load(args.workload_file)
@@ -165,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run.run(levels, args.duration))
     finally:
         engine.shutdown()
-    import torch
-
     meta = {
         "protocol": "direct",
         "arrival": "closed loop",
@@ -174,13 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "workload": load["spec"],
         "engine_config": config.__dict__,
-        "torch_threads": torch.get_num_threads(),
     }
     summary = report.summarize(args.out / "records.jsonl", meta)
     problems = report.verdict(summary, report.Thresholds())
     summary["passed"], summary["problems"] = not problems, problems
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = report.markdown(summary, "# The same workload, engine directly (AsyncEngine in-process)")
+    table = report.markdown(summary, "# The same workload, engine directly (its own process, no Triton)")
     (args.out / "summary.md").write_text(table)
     print(table)
     for p in problems:

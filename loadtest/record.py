@@ -10,7 +10,8 @@ the engine directly, side by side, and where the CPU goes.
    at the lowest CPU priority (--client-nice 19): on a small machine its CPU is taken from the
    server otherwise, which the engine-direct side (in-process users) does not pay.
 3. Diagnostics at the top level, to split the overhead: the same over HTTP /generate_stream, and
-   over gRPC with stream=false (one response per request instead of one per token).
+   over gRPC with stream=false (one response per request instead of one per token); then a second
+   server whose engine has stream_interval=4 (a response per 4 tokens), over gRPC streaming.
 4. Stops the server, then `python -m loadtest.engine_direct` runs the same workload file and levels.
 5. Repeats 1. to 4. --top-repeats more times at the top level only (a shared machine drifts
    between minutes: one pair is not enough to state the overhead).
@@ -44,6 +45,7 @@ from loadtest.__main__ import _cpu_name, seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("preprocessing", "maverick", "postprocessing")
+STREAM_INTERVAL = 4  # the diagnostic server's engine stream_interval
 
 
 def role(proc: psutil.Process) -> str | None:
@@ -158,6 +160,25 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
             rcs[name] = run(cmd, path / "run.log", args.client_nice)
     finally:
         rcs["tritonserver"] = server.stop()
+    if diagnostics:
+        # A second server whose engine streams every STREAM_INTERVAL tokens: what the per-response
+        # cost is, read off the same workload with a quarter of the responses.
+        name = f"triton grpc stream_interval={STREAM_INTERVAL}"
+        path = out / f"triton-grpc-interval{STREAM_INTERVAL}-{top}"
+        path.mkdir(parents=True, exist_ok=True)
+        http, grpc, metrics = free_ports(3)
+        cfg = ServeConfig(
+            args.model_dir, http, grpc, metrics, {"stream_interval": str(STREAM_INTERVAL)}, build
+        )
+        server = RunningServer(cfg, cfg.build_dir / "server-interval.log")
+        args.sampler.roots.append(server.proc.pid)
+        try:
+            cmd = [sys.executable, "-m", "loadtest", "--http-port", str(http), "--grpc-port", str(grpc),
+                   *common, "--levels", top, "--protocol", "grpc", "--out", str(path)]  # fmt: skip
+            rcs[name] = run(cmd, path / "run.log", args.client_nice)
+        finally:
+            rcs["tritonserver (interval)"] = server.stop()
+        runs[name] = (path, [])
     direct = out / "direct"
     direct.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "loadtest.engine_direct",

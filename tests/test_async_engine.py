@@ -202,3 +202,49 @@ def test_overload_is_refused_fast(tiny_ckpt):
         assert eng.healthy()
     finally:
         eng.shutdown()
+
+
+def test_stream_interval_sends_the_first_token_alone_then_groups_of_n(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)
+    grouped = AsyncEngine(
+        EngineConfig(
+            model_dir=str(tiny_ckpt), dtype="float32", experts="dequant", num_kv_blocks=64, stream_interval=4
+        )
+    )
+
+    async def main():
+        one_by_one = await _collect(engine, "every", _prompt(tok, 5), params)
+        updates = [out async for out in grouped.generate("grouped", _prompt(tok, 5), params)]
+        return one_by_one, updates
+
+    try:
+        (ids, text, _), updates = asyncio.run(main())
+    finally:
+        grouped.shutdown()
+    counts = [len(u.token_ids) for u in updates]
+    assert counts[0] == 1 and all(n >= 4 for n in counts[1:-1]) and sum(counts) == 10, counts
+    assert len(updates) <= 4  # 1, 4, 4, 1 (fewer if the caller fell behind and they merged)
+    assert [t for u in updates for t in u.token_ids] == ids and "".join(u.text for u in updates) == text
+    assert all(len(u.logprobs) == len(u.token_ids) == len(u.token_times) for u in updates)
+    assert updates[-1].finished and updates[-1].finish_reason == "length"
+
+
+def test_an_abort_releases_the_tokens_a_stream_interval_held(tiny_ckpt):
+    from maverick.engine.llm_engine import RequestOutput
+    from maverick.engine.output_streams import Coalescer
+
+    c = Coalescer(3)
+
+    def out(rid, ids, total, finished=False):
+        return RequestOutput(rid, ids, "".join(f"<{i}>" for i in ids), finished, num_output_tokens=total)
+
+    assert [o.token_ids for o in c.push([out("a", [1], 1), out("b", [7], 1)])] == [[1], [7]]
+    assert c.push([out("a", [2], 2), out("b", [8], 2)]) == []
+    assert [(o.request_id, o.token_ids) for o in c.push([out("a", [3], 3), out("b", [9], 3)])] == []
+    assert [(o.request_id, o.token_ids, o.text) for o in c.push([out("a", [4], 4)])] == [
+        ("a", [2, 3, 4], "<2><3><4>")
+    ]
+    [aborted] = c.push([out("b", [], 3, finished=True)])  # the abort's final update carries the held ones
+    assert aborted.token_ids == [8, 9] and aborted.finished and aborted.num_output_tokens == 3
+    assert c._held == {}

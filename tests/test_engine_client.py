@@ -207,3 +207,21 @@ def test_cpu_threads_auto_is_half_the_cores_on_the_cpu(tiny_ckpt, tmp_path):
     assert engine_config({**base, "cpu_threads": "none"}, tmp_path).cpu_threads is None
     with pytest.raises(EngineArgsError, match="cpu_threads must be at least 1"):
         engine_config({**base, "cpu_threads": "0"}, tmp_path)
+
+
+def test_the_engine_process_honours_stream_interval(client, tiny_ckpt):
+    (prompt,) = _prompts(tiny_ckpt, 1)
+    grouped = EngineClient(_config(tiny_ckpt, stream_interval=3))
+    try:
+
+        async def main():
+            expected = await _collect(client, "every", prompt)
+            updates = [out async for out in grouped.generate("grouped", prompt, GREEDY)]
+            return expected, updates
+
+        (ids, text, _), updates = asyncio.run(main())
+    finally:
+        grouped.shutdown()
+    counts = [len(u.token_ids) for u in updates]
+    assert counts[0] == 1 and all(n >= 3 for n in counts[1:-1]) and sum(counts) == 10, counts
+    assert [t for u in updates for t in u.token_ids] == ids and "".join(u.text for u in updates) == text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,22 @@ def test_server_sent_events_split_shared_and_an_error_after_the_200():
     assert got == [1, 2]
     assert sse.error_text(b'data: {"error":"max_tokens must be >= 1"}\n\n') == "max_tokens must be >= 1"
     assert sse.error_text(b"Bad Gateway") == "Bad Gateway"
+
+
+def test_engine_direct_runs_the_workload_on_the_served_engine(tiny_ckpt, tmp_path):
+    """The performance record's baseline: the same workload file, the engine process without Triton."""
+    spec = workload.preset("chat", input_len="uniform:16:48", output_len="fixed:6", num_requests=12, seed=2)
+    workload.save(workload.build(spec, tiny_ckpt), tmp_path / "workload.json")
+    cmd = [sys.executable, "-m", "loadtest.engine_direct", "--workload-file", str(tmp_path / "workload.json"),
+           "--levels", "1,2", "--duration", "3", "--model-dir", str(tiny_ckpt),
+           "--out", str(tmp_path / "direct")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "direct" / "summary.json").read_text())
+    assert [lv["level"] for lv in summary["levels"]] == [1, 2] and summary["total_errors"] == 0
+    for level in summary["levels"]:
+        assert (
+            level["requests"] >= 2 and level["mean_output_tokens"] == 6 and level["output_tokens_per_s"] > 0
+        )
+    # configured as served: config.pbtxt's cpu_threads "auto" resolved for the CPU
+    assert summary["engine_config"]["cpu_threads"] == max(1, (os.cpu_count() or 1) // 2)

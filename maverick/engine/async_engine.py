@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput
-from maverick.engine.output_streams import OutputStreams
+from maverick.engine.output_streams import Coalescer, OutputStreams
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt, Sequence
 
@@ -48,6 +48,7 @@ class AsyncEngine:
         self._new: list[Sequence] = []
         self._aborts: list[str] = []
         self._streams = OutputStreams()
+        self._coalescer = Coalescer(self.engine.config.stream_interval)
         self._stop = False
         self._error: BaseException | None = None
         self._stats = self.engine.stats()
@@ -122,11 +123,10 @@ class AsyncEngine:
                         self.engine.add_sequence(seq)
                     except RequestError as e:
                         items.append((seq.request_id, e))
-                for request_id in aborts:
-                    if (out := self.engine.abort(request_id)) is not None:
-                        items.append((request_id, out))
+                outputs = [out for rid in aborts if (out := self.engine.abort(rid)) is not None]
                 if self.engine.has_unfinished():
-                    items += [(out.request_id, out) for out in self.engine.step()]
+                    outputs += self.engine.step()
+                items += [(out.request_id, out) for out in self._coalescer.push(outputs)]
                 orphans = self._streams.deliver(items)
                 stats = self.engine.stats()
                 with self._lock:

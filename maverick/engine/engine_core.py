@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 
 from maverick.engine.async_engine import overloaded
 from maverick.engine.llm_engine import LLMEngine, RequestError, RequestOutput
+from maverick.engine.output_streams import Coalescer
 
 log = logging.getLogger("maverick.engine_core")
 
@@ -44,6 +45,7 @@ def recv(conn: Connection) -> tuple:
 def run(conn: Connection, engine: LLMEngine) -> None:
     """Serve until "shutdown" (returns) or the client's end closes (EOFError, OSError)."""
     max_waiting = engine.config.max_num_waiting
+    coalescer = Coalescer(engine.config.stream_interval)
     while True:
         # Block while idle; with work, take only what has arrived and step.
         messages = [] if engine.has_unfinished() else [recv(conn)]
@@ -72,6 +74,7 @@ def run(conn: Connection, engine: LLMEngine) -> None:
                 raise ValueError(f"unknown message {kind!r}")
         if engine.has_unfinished():
             outputs += engine.step()
+        outputs = coalescer.push(outputs)
         if outputs or errors:
             send(conn, ("step", outputs, errors, engine.stats()))
 

@@ -63,6 +63,9 @@ class EngineConfig:
     # Behind Triton on the CPU, fewer than the cores: the server, the other models and the clients
     # need cores too, and a parallel region whose threads are descheduled waits for the slowest.
     cpu_threads: int | None = None
+    # Streamed updates carry at least this many new tokens (the first token and the end leave at
+    # once): fewer, larger responses when each one costs the server more than the engine's step.
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -71,6 +74,8 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be at least 1")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError("cpu_threads must be at least 1 (or None for torch's default)")
 

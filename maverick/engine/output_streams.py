@@ -46,6 +46,33 @@ def merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
     )
 
 
+class Coalescer:
+    """Holds each request's updates until it has `interval` new tokens (SGLang's stream interval):
+    fewer, larger updates, so a server pays its per-response cost (a Triton response through the
+    ensemble, a gRPC message) once per `interval` tokens. The update with a request's first token
+    and its last one leave at once, so TTFT and the end are not delayed; interval 1 passes every
+    update through."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self._held: dict[str, RequestOutput] = {}
+
+    def push(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        if self.interval == 1:
+            return outputs
+        ready = []
+        for out in outputs:
+            held = self._held.pop(out.request_id, None)
+            if held is not None:
+                out = merge(held, out)
+            first = out.num_output_tokens == len(out.token_ids) and out.token_ids
+            if out.finished or first or len(out.token_ids) >= self.interval:
+                ready.append(out)
+            else:
+                self._held[out.request_id] = out
+        return ready
+
+
 def _put_all(batch: list[tuple[asyncio.Queue, Item]]) -> None:
     for queue, item in batch:
         queue.put_nowait(item)
