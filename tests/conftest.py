@@ -64,3 +64,13 @@ def triton(tiny_ckpt, tmp_path_factory):
     server = start_triton(tiny_ckpt, build)
     yield server
     assert server.stop() == 0, f"tritonserver did not exit cleanly; see {build / 'server.log'}"
+
+
+async def collect(engine, request_id, prompt, params):
+    """Stream one request from an AsyncEngine or EngineClient: (token ids, text, last update)."""
+    ids, text, last = [], "", None
+    async for out in engine.generate(request_id, prompt, params):
+        ids += out.token_ids
+        text += out.text
+        last = out
+    return ids, text, last

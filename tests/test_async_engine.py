@@ -8,6 +8,7 @@ import itertools
 import time
 
 import pytest
+from conftest import collect
 
 from maverick.engine.async_engine import AsyncEngine
 from maverick.engine.llm_engine import EngineConfig, RequestError
@@ -32,23 +33,14 @@ def _prompt(tok: Tokenizer, i: int) -> Prompt:
     )
 
 
-async def _collect(engine, rid, prompt, params):
-    ids, text, last = [], "", None
-    async for out in engine.generate(rid, prompt, params):
-        ids += out.token_ids
-        text += out.text
-        last = out
-    return ids, text, last
-
-
 def test_concurrent_streams_equal_sequential(engine, tiny_ckpt):
     tok = Tokenizer.from_dir(tiny_ckpt)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     async def main():
-        sequential = [await _collect(engine, f"s{i}", _prompt(tok, i), params) for i in range(6)]
+        sequential = [await collect(engine, f"s{i}", _prompt(tok, i), params) for i in range(6)]
         together = await asyncio.gather(
-            *(_collect(engine, f"c{i}", _prompt(tok, i), params) for i in range(6))
+            *(collect(engine, f"c{i}", _prompt(tok, i), params) for i in range(6))
         )
         return sequential, together
 
@@ -67,7 +59,7 @@ def test_a_slow_consumer_gets_the_queued_updates_merged(engine, tiny_ckpt):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
 
     async def main():
-        fast = await _collect(engine, "fast", _prompt(tok, 3), params)
+        fast = await collect(engine, "fast", _prompt(tok, 3), params)
         updates = []
         async for out in engine.generate("slow", _prompt(tok, 3), params):
             updates.append(out)
@@ -132,7 +124,7 @@ def test_cancelled_task_aborts(engine, tiny_ckpt):
 
     async def main():
         task = asyncio.create_task(
-            _collect(engine, "cancel-me", _prompt(tok, 2), SamplingParams(max_tokens=800))
+            collect(engine, "cancel-me", _prompt(tok, 2), SamplingParams(max_tokens=800))
         )
         await asyncio.sleep(0.2)
         task.cancel()
@@ -151,8 +143,8 @@ def test_bad_request_raises_at_once_and_engine_keeps_serving(engine, tiny_ckpt):
 
     async def main():
         with pytest.raises(RequestError, match="empty"):
-            await _collect(engine, "bad", Prompt([]), SamplingParams())
-        return await _collect(engine, "good", _prompt(tok, 3), SamplingParams(max_tokens=3, ignore_eos=True))
+            await collect(engine, "bad", Prompt([]), SamplingParams())
+        return await collect(engine, "good", _prompt(tok, 3), SamplingParams(max_tokens=3, ignore_eos=True))
 
     ids, _, last = asyncio.run(main())
     assert len(ids) == 3 and last.finished
@@ -214,7 +206,7 @@ def test_stream_interval_sends_the_first_token_alone_then_groups_of_n(engine, ti
     )
 
     async def main():
-        one_by_one = await _collect(engine, "every", _prompt(tok, 5), params)
+        one_by_one = await collect(engine, "every", _prompt(tok, 5), params)
         updates = [out async for out in grouped.generate("grouped", _prompt(tok, 5), params)]
         return one_by_one, updates
 

@@ -14,6 +14,7 @@ import time
 
 import psutil
 import pytest
+from conftest import collect
 
 from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError
 from maverick.engine.engine_client import EngineClient
@@ -44,15 +45,6 @@ def _prompts(tiny_ckpt, n: int) -> list[Prompt]:
     return [Prompt(tok.encode(f"Prompt {i}: say something about {i * 13}.", add_bos=True)) for i in range(n)]
 
 
-async def _collect(engine, request_id, prompt, params=GREEDY):
-    ids, text, last = [], "", None
-    async for out in engine.generate(request_id, prompt, params):
-        ids += out.token_ids
-        text += out.text
-        last = out
-    return ids, text, last
-
-
 def _wait_for(predicate, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -74,7 +66,7 @@ def test_concurrent_streams_equal_the_engine_in_process(client, tiny_ckpt):
             expected[out.request_id] = (ids + out.token_ids, text + out.text)
 
     async def main():
-        return await asyncio.gather(*(_collect(client, f"r{i}", p) for i, p in enumerate(prompts)))
+        return await asyncio.gather(*(collect(client, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)))
 
     for i, (ids, text, last) in enumerate(asyncio.run(main())):
         assert (ids, text) == expected[f"r{i}"]
@@ -89,12 +81,14 @@ def test_a_refused_request_fails_alone_with_the_engines_message(client, tiny_ckp
 
     async def main():
         with pytest.raises(RequestError, match="the prompt is empty"):
-            await _collect(client, "empty", Prompt([]))
+            await collect(client, "empty", Prompt([]), GREEDY)
         with pytest.raises(RequestError, match="exceed the model's context"):
-            await _collect(client, "long", prompt, SamplingParams(max_tokens=client.max_model_len))
+            await collect(client, "long", prompt, SamplingParams(max_tokens=client.max_model_len))
         with pytest.raises(RequestError, match="already in use"):
-            await asyncio.gather(_collect(client, "same", prompt), _collect(client, "same", prompt))
-        return await _collect(client, "fine", prompt)
+            await asyncio.gather(
+                collect(client, "same", prompt, GREEDY), collect(client, "same", prompt, GREEDY)
+            )
+        return await collect(client, "fine", prompt, GREEDY)
 
     ids, _, last = asyncio.run(main())
     assert len(ids) == 10 and last.finish_reason == "length"
@@ -123,9 +117,9 @@ def test_requests_beyond_the_waiting_limit_are_refused_and_the_rest_served(tiny_
     try:
 
         async def main():
-            first = asyncio.ensure_future(_collect(engine, "a", prompts[0], params))
+            first = asyncio.ensure_future(collect(engine, "a", prompts[0], params))
             await asyncio.sleep(0)
-            rest = [_collect(engine, rid, p, params) for rid, p in (("b", prompts[1]), ("c", prompts[2]))]
+            rest = [collect(engine, rid, p, params) for rid, p in (("b", prompts[1]), ("c", prompts[2]))]
             return [await first, *await asyncio.gather(*rest, return_exceptions=True)]
 
         results = asyncio.run(main())
@@ -133,7 +127,7 @@ def test_requests_beyond_the_waiting_limit_are_refused_and_the_rest_served(tiny_
         refused = [r for r in results[1:] if isinstance(r, EngineOverloadedError)]
         assert refused and all("overloaded" in str(r) for r in refused)
         assert all(isinstance(r, EngineOverloadedError) or len(r[0]) == 40 for r in results[1:])
-        assert len(asyncio.run(_collect(engine, "after", prompts[0], params))[0]) == 40
+        assert len(asyncio.run(collect(engine, "after", prompts[0], params))[0]) == 40
     finally:
         engine.shutdown()
 
@@ -150,7 +144,7 @@ def test_a_dead_engine_process_fails_open_and_later_requests(tiny_ckpt):
                 if seen == 1:
                     os.kill(engine.pid, signal.SIGKILL)
         with pytest.raises(EngineDeadError):
-            await _collect(engine, "later", prompt)
+            await collect(engine, "later", prompt, GREEDY)
 
     try:
         asyncio.run(main())
@@ -215,7 +209,7 @@ def test_the_engine_process_honours_stream_interval(client, tiny_ckpt):
     try:
 
         async def main():
-            expected = await _collect(client, "every", prompt)
+            expected = await collect(client, "every", prompt, GREEDY)
             updates = [out async for out in grouped.generate("grouped", prompt, GREEDY)]
             return expected, updates
 

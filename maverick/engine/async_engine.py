@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
 
 from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput
-from maverick.engine.output_streams import Coalescer, OutputStreams
+from maverick.engine.output_streams import Coalescer, OutputStreams, Stream, StreamingEngine
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt, Sequence
 
@@ -40,7 +39,7 @@ def overloaded(num_waiting: int) -> EngineOverloadedError:
     return EngineOverloadedError(f"the server is overloaded: {num_waiting} requests are waiting; retry later")
 
 
-class AsyncEngine:
+class AsyncEngine(StreamingEngine):
     def __init__(self, config: EngineConfig | None = None, *, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config)  # type: ignore[arg-type]
         self._lock = threading.Lock()
@@ -59,10 +58,8 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    # -- public API ------------------------------------------------------------------------------
-    async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    # -- public API: generate (StreamingEngine), abort, healthy, stats, shutdown ---------------------
+    def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Stream:
         self._check_alive()
         seq = self.engine.make_sequence(request_id, prompt, params)  # raises RequestError
         stream = self._streams.open(request_id)  # raises RequestError on a duplicate id
@@ -73,14 +70,7 @@ class AsyncEngine:
                 raise overloaded(waiting)
             self._new.append(seq)
             self._wake.notify()
-        finished = False
-        try:
-            async for item in self._streams.iterate(stream):
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed on the engine thread's next turn (at once if idle)."""

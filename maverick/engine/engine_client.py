@@ -23,13 +23,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 
 from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError
 from maverick.engine.engine_core import recv, send
 from maverick.engine.llm_engine import EngineConfig, RequestError, RequestOutput
-from maverick.engine.output_streams import OutputStreams
+from maverick.engine.output_streams import OutputStreams, Stream, StreamingEngine
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt
 
@@ -53,7 +52,7 @@ def python_executable() -> str:
     raise RuntimeError(f"no {version} interpreter found for the engine process; set MAVERICK_PYTHON")
 
 
-class EngineClient:
+class EngineClient(StreamingEngine):
     def __init__(self, config: EngineConfig, *, python: str | None = None):
         ours, theirs = socket.socketpair()
         # The child imports what this process imports: its sys.path (the venv's site-packages
@@ -90,20 +89,11 @@ class EngineClient:
     def pid(self) -> int:
         return self._proc.pid
 
-    # -- public API (AsyncEngine's) ----------------------------------------------------------------
-    async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    # -- public API (AsyncEngine's): generate (StreamingEngine), abort, healthy, stats, shutdown --
+    def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Stream:
         stream = self._streams.open(request_id)  # raises EngineDeadError once the child is gone
         self._outbox.put(("add", request_id, prompt, params))
-        finished = False
-        try:
-            async for item in self._streams.iterate(stream):
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request; the child frees its blocks on its next turn."""

@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from maverick.engine.llm_engine import RequestError, RequestOutput
+from maverick.engine.sampling_params import SamplingParams
+from maverick.engine.sequence import Prompt
 
 Item = RequestOutput | BaseException  # an exception ends its stream with that error
 
 
 @dataclass
-class _Stream:
+class Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
@@ -78,16 +80,43 @@ def _put_all(batch: list[tuple[asyncio.Queue, Item]]) -> None:
         queue.put_nowait(item)
 
 
+class StreamingEngine:
+    """`generate` for an engine front-end: `_submit` registers the request (raising if it is
+    refused at once) and returns its stream; leaving the stream before its finished update (closing
+    it, being cancelled, an error) aborts the request, which frees its blocks."""
+
+    _streams: OutputStreams  # set by the subclass
+
+    def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Stream:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self._submit(request_id, prompt, params)
+        finished = False
+        try:
+            async for item in self._streams.iterate(stream):
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+
 class OutputStreams:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._closed: BaseException | None = None  # set by fail_all: no stream opens any more
 
-    def open(self, request_id: str) -> _Stream:
+    def open(self, request_id: str) -> Stream:
         """Register a request on the running event loop (call from that loop). Raises the error
         that closed the streams (the engine stopped), so a request never waits on a dead engine."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self._closed is not None:
                 raise type(self._closed)(*self._closed.args)
@@ -103,7 +132,7 @@ class OutputStreams:
     def __len__(self) -> int:
         return len(self._streams)
 
-    async def iterate(self, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    async def iterate(self, stream: Stream) -> AsyncIterator[RequestOutput]:
         """The stream's updates up to the finished one; an exception item is raised."""
         held: Item | None = None  # taken from the queue, not yet handled
         while True:
