@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,12 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path):
         assert "8 generated tokens" in out.stderr and "TTFT" in out.stderr
         printed = (tmp_path / "serve.log").read_text()
         assert f"http://localhost:{http}" in printed and f"localhost:{grpc}" in printed
+        processes = psutil.Process(serve.pid).children(recursive=True)
+        assert any("maverick.engine.engine_core" in " ".join(p.cmdline()) for p in processes)
     finally:
         subprocess.run(["make", "stop"], cwd=ROOT, capture_output=True, timeout=30)
         assert serve.wait(timeout=30) == 0
         log.close()
+    # Nothing outlives the server: tritonserver, the models' stubs and the engine process.
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
