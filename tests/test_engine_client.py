@@ -219,3 +219,17 @@ def test_the_engine_process_honours_stream_interval(client, tiny_ckpt):
     counts = [len(u.token_ids) for u in updates]
     assert counts[0] == 1 and all(n >= 3 for n in counts[1:-1]) and sum(counts) == 10, counts
     assert [t for u in updates for t in u.token_ids] == ids and "".join(u.text for u in updates) == text
+
+
+def test_stats_follow_the_engine_and_the_rate_drops_to_zero_when_idle(client, tiny_ckpt, monkeypatch):
+    import maverick.engine.llm_engine as llm_engine
+
+    (prompt,) = _prompts(tiny_ckpt, 1)
+    before = client.stats()["generated_tokens_total"]
+    asyncio.run(collect(client, "counted", prompt, GREEDY))
+    stats = client.stats()
+    assert stats["generated_tokens_total"] == before + 10 and stats["generation_tokens_per_s"] > 0
+    assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0
+    monkeypatch.setattr(llm_engine, "RATE_WINDOW_S", 0.05)  # no step for a whole window since
+    time.sleep(0.1)
+    assert client.stats()["generation_tokens_per_s"] == 0.0

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
-from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput
+from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput, stats_as_of
 from maverick.engine.output_streams import Coalescer, OutputStreams, Stream, StreamingEngine
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt, Sequence
@@ -50,7 +51,7 @@ class AsyncEngine(StreamingEngine):
         self._coalescer = Coalescer(self.engine.config.stream_interval)
         self._stop = False
         self._error: BaseException | None = None
-        self._stats = self.engine.stats()
+        self._stats, self._stats_at = self.engine.stats(), time.monotonic()
         self._thread = threading.Thread(target=self._run, name="maverick-engine", daemon=True)
         self._thread.start()
 
@@ -84,7 +85,7 @@ class AsyncEngine(StreamingEngine):
     def stats(self) -> dict[str, float]:
         """Counters of the last step (running, waiting, KV blocks, prefix-cache hit rate, tokens/s)."""
         with self._lock:
-            return dict(self._stats)
+            return stats_as_of(self._stats, self._stats_at)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._lock:
@@ -121,7 +122,7 @@ class AsyncEngine(StreamingEngine):
                 stats = self.engine.stats()
                 with self._lock:
                     self._aborts += orphans
-                    self._stats = stats
+                    self._stats, self._stats_at = stats, time.monotonic()
         except BaseException as e:  # noqa: BLE001 - report to every waiting caller, then stop
             log.exception("engine thread died")
             self._error = e

@@ -23,11 +23,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError
 from maverick.engine.engine_core import recv, send
-from maverick.engine.llm_engine import EngineConfig, RequestError, RequestOutput
+from maverick.engine.llm_engine import EngineConfig, RequestError, RequestOutput, stats_as_of
 from maverick.engine.output_streams import OutputStreams, Stream, StreamingEngine
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt
@@ -77,6 +78,7 @@ class EngineClient(StreamingEngine):
         self.config = config
         self.max_model_len: int = info["max_model_len"]
         self._stats: dict[str, float] = info["stats"]
+        self._stats_at = time.monotonic()
         self._error: str | None = None
         self._streams = OutputStreams()
         self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
@@ -104,7 +106,7 @@ class EngineClient(StreamingEngine):
 
     def stats(self) -> dict[str, float]:
         """The child's counters after its last step that produced outputs."""
-        return dict(self._stats)
+        return stats_as_of(self._stats, self._stats_at)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._outbox.put(("shutdown",))
@@ -142,7 +144,7 @@ class EngineClient(StreamingEngine):
                 _, outputs, errors, stats = message
                 items: list[tuple[str, RequestOutput | BaseException]] = [(o.request_id, o) for o in outputs]
                 items += [(rid, _ERRORS[kind](text)) for rid, kind, text in errors]
-                self._stats = stats
+                self._stats, self._stats_at = stats, time.monotonic()
                 for request_id in self._streams.deliver(items):
                     self.abort(request_id)  # its caller's event loop is closed
         except (EOFError, OSError):

@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 # generation_tokens_per_s in stats() is measured over the steps of this many recent seconds
 RATE_WINDOW_S = 5.0
 
+
+def stats_as_of(stats: dict[str, float], taken_at: float) -> dict[str, float]:
+    """A copy of `stats()` taken at monotonic time `taken_at` by a front-end that refreshes it only
+    when the engine steps: with no step for a whole rate window since, no token was generated in
+    the window, so the rate is 0 (not the last busy value)."""
+    out = dict(stats)
+    if time.monotonic() - taken_at > RATE_WINDOW_S:
+        out["generation_tokens_per_s"] = 0.0
+    return out
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
