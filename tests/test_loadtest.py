@@ -201,3 +201,19 @@ def test_engine_direct_runs_the_workload_on_the_served_engine(tiny_ckpt, tmp_pat
         )
     # configured as served: config.pbtxt's cpu_threads "auto" resolved for the CPU
     assert summary["engine_config"]["cpu_threads"] == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_compare_takes_turns_between_engine_settings_and_reports_both(tiny_ckpt, tmp_path):
+    cmd = [sys.executable, "-m", "loadtest.compare", "--engine", "cpu_threads=1",
+           "--engine", "cpu_threads=1 stream_interval=3", "--rounds", "1", "--users", "2",
+           "--duration", "4", "--warmup", "1", "--model-dir", str(tiny_ckpt),
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["setting"] for r in result["runs"]] == ["cpu_threads=1", "cpu_threads=1 stream_interval=3"]
+    for r in result["runs"]:
+        assert r["exit_code"] == 0 and r["errors"] == 0 and r["output_tokens_per_s"] > 0
+        assert 0 < r["cores"]["engine core"] <= 1.5 and r["cores"]["tritonserver"] > 0
+    assert set(result["median_tokens_per_s"]) == {"cpu_threads=1", "cpu_threads=1 stream_interval=3"}
+    assert "| cpu_threads=1 stream_interval=3 | 1 |" in (tmp_path / "compare.md").read_text()
