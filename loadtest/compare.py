@@ -19,11 +19,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from loadtest.__main__ import seconds
-from loadtest.record import CpuSampler, run
+from loadtest.record import CpuSampler, level_windows, serve_and_load
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("engine core", "stub:maverick", "tritonserver", "stub:postprocessing", "locust")
@@ -36,27 +35,12 @@ def parse_setting(text: str) -> dict[str, str]:
     return dict(pairs)
 
 
-def measure(args, setting: dict[str, str], path: Path, sampler: CpuSampler) -> dict:
-    from server.launch import RunningServer, ServeConfig, free_ports
-
-    http, grpc, metrics = free_ports(3)
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(args.model_dir, http, grpc, metrics, setting, build_dir=path / "server")
-    server = RunningServer(cfg, path / "server.log")
-    sampler.roots = [server.proc.pid]
-    cmd = [sys.executable, "-m", "loadtest", "--http-port", str(http), "--grpc-port", str(grpc),
-           "--levels", str(args.users), "--duration", str(args.duration), "--warmup", str(args.warmup),
-           "--workload", args.workload, "--tokenizer", str(args.model_dir), "--protocol", "grpc",
-           "--out", str(path / "load")]  # fmt: skip
-    try:
-        start = time.time()
-        rc = run(cmd, path / "run.log", args.client_nice)
-        end = time.time()
-    finally:
-        rc_server = server.stop()
+def measure(args, setting: dict[str, str], path: Path) -> dict:
+    rc, rc_server = serve_and_load(args, setting, str(args.users), path / "load", path / "server")
     level = json.loads((path / "load" / "summary.json").read_text())["levels"][0]
-    # the CPU over the measured part: after the warm-up, up to the end of the hold
-    cores = sampler.cores(start + args.warmup + 2.0, min(end, start + args.duration))
+    # the CPU over the measured part of the level: after its warm-up, up to the end of its hold
+    [(_, start, end)] = level_windows(path / "load" / "records.jsonl", args.duration)
+    cores = args.sampler.cores(start + args.warmup, end)
     return {
         "exit_code": rc or rc_server,
         "output_tokens_per_s": level["output_tokens_per_s"],
@@ -105,17 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.engine) < 2 or args.rounds < 1:
         ap.error("give at least two --engine settings and one round")
     labels = [" ".join(f"{k}={v}" for k, v in s.items()) for s in args.engine]
-    sampler = CpuSampler()
-    sampler.start()
+    args.sampler = CpuSampler()
+    args.sampler.start()
     runs = []
     try:
         for rnd in range(1, args.rounds + 1):
             for i, (label, setting) in enumerate(zip(labels, args.engine, strict=True)):
                 print(f"round {rnd}: {label}", flush=True)
-                m = measure(args, setting, args.out / f"round{rnd}-setting{i + 1}", sampler)
+                m = measure(args, setting, args.out / f"round{rnd}-setting{i + 1}")
                 runs.append({"setting": label, "round": rnd, **m})
     finally:
-        sampler.stop()
+        args.sampler.stop()
     result = {
         "users": args.users,
         "workload": args.workload,

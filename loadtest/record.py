@@ -128,6 +128,30 @@ def run(cmd: list[str], log: Path, niceness: int = 0) -> int:
         ).returncode
 
 
+def serve_and_load(args, setting: dict[str, str], levels: str, out: Path, build: Path) -> tuple[int, int]:
+    """A fresh tritonserver whose engine has these settings (rendered into `build`), `python -m
+    loadtest` over gRPC streaming at `levels` into `out`, then the server stopped. Returns the
+    exit codes of the load test and of the server."""
+    from server.launch import RunningServer, ServeConfig, free_ports
+
+    http, grpc, metrics = free_ports(3)
+    out.mkdir(parents=True, exist_ok=True)
+    build.mkdir(parents=True, exist_ok=True)
+    server = RunningServer(
+        ServeConfig(args.model_dir, http, grpc, metrics, setting, build), build / "server.log"
+    )
+    args.sampler.roots.append(server.proc.pid)
+    cmd = [sys.executable, "-m", "loadtest", "--http-port", str(http), "--grpc-port", str(grpc),
+           "--levels", levels, "--duration", str(args.duration), "--warmup", str(args.warmup),
+           "--workload", args.workload, "--tokenizer", str(args.model_dir), "--protocol", "grpc",
+           "--out", str(out)]  # fmt: skip
+    try:
+        rc = run(cmd, out / "run.log", args.client_nice)
+    finally:
+        rc_server = server.stop()
+    return rc, rc_server
+
+
 def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, Path], dict[str, int]]:
     """One paired measurement: a fresh tritonserver swept over `levels` (plus the diagnostics at
     the top level), stopped, then the same workload file on the engine directly. Returns each
@@ -165,19 +189,10 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
         # cost is, read off the same workload with a quarter of the responses.
         name = f"triton grpc stream_interval={STREAM_INTERVAL}"
         path = out / f"triton-grpc-interval{STREAM_INTERVAL}-{top}"
-        path.mkdir(parents=True, exist_ok=True)
-        http, grpc, metrics = free_ports(3)
-        cfg = ServeConfig(
-            args.model_dir, http, grpc, metrics, {"stream_interval": str(STREAM_INTERVAL)}, build
+        setting = {"stream_interval": str(STREAM_INTERVAL)}
+        rcs[name], rcs["tritonserver (interval)"] = serve_and_load(
+            args, setting, top, path, out / "server-interval"
         )
-        server = RunningServer(cfg, cfg.build_dir / "server-interval.log")
-        args.sampler.roots.append(server.proc.pid)
-        try:
-            cmd = [sys.executable, "-m", "loadtest", "--http-port", str(http), "--grpc-port", str(grpc),
-                   *common, "--levels", top, "--protocol", "grpc", "--out", str(path)]  # fmt: skip
-            rcs[name] = run(cmd, path / "run.log", args.client_nice)
-        finally:
-            rcs["tritonserver (interval)"] = server.stop()
         runs[name] = (path, [])
     direct = out / "direct"
     direct.mkdir(parents=True, exist_ok=True)

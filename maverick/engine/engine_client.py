@@ -54,14 +54,14 @@ def python_executable() -> str:
 
 
 class EngineClient(StreamingEngine):
-    def __init__(self, config: EngineConfig, *, python: str | None = None):
+    def __init__(self, config: EngineConfig):
         ours, theirs = socket.socketpair()
         # The child imports what this process imports: its sys.path (the venv's site-packages
         # that a Triton stub added at run time included) goes first on the child's.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         with theirs:
             self._proc = subprocess.Popen(
-                [python or python_executable(), "-m", "maverick.engine.engine_core", str(theirs.fileno())],
+                [python_executable(), "-m", "maverick.engine.engine_core", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=env,
             )
