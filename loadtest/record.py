@@ -297,10 +297,6 @@ def _by_level(summary: dict) -> dict[int, dict]:
     return {lv["level"]: lv for lv in summary["levels"]}
 
 
-def _ms(v) -> str:
-    return "–" if v is None else f"{v * 1e3:.1f}"
-
-
 def record_markdown(rec: dict) -> str:
     tri, dire = _by_level(rec["summaries"]["triton grpc"]), _by_level(rec["summaries"]["engine direct"])
     w = rec["workload"]
@@ -326,10 +322,11 @@ def record_markdown(rec: dict) -> str:
         lines.append(
             f"| {level} | {tt:.1f} | {dt:.1f} | {overhead} "
             f"| {t['requests_per_s']:.2f} | {d['requests_per_s']:.2f} "
-            f"| {_ms(t['ttft_s']['p50'])} / {_ms(d['ttft_s']['p50'])} "
-            f"| {_ms(t['ttft_s']['p99'])} / {_ms(d['ttft_s']['p99'])} "
-            f"| {_ms(t['itl_s']['p50'])} / {_ms(d['itl_s']['p50'])} "
-            f"| {_ms(t['itl_s']['p99'])} / {_ms(d['itl_s']['p99'])} | {t['errors']} / {d['errors']} |"
+            f"| {report.ms(t['ttft_s']['p50'])} / {report.ms(d['ttft_s']['p50'])} "
+            f"| {report.ms(t['ttft_s']['p99'])} / {report.ms(d['ttft_s']['p99'])} "
+            f"| {report.ms(t['itl_s']['p50'])} / {report.ms(d['itl_s']['p50'])} "
+            f"| {report.ms(t['itl_s']['p99'])} / {report.ms(d['itl_s']['p99'])} "
+            f"| {t['errors']} / {d['errors']} |"
         )
     pairs = rec.get("top_level_pairs") or []
     if len(pairs) > 1:

@@ -33,7 +33,7 @@ def read_records(path: Path) -> tuple[list[dict], list[dict]]:
     return requests, levels
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
+def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
     arr = np.asarray(values, dtype=float)
@@ -72,9 +72,9 @@ def level_summary(level: int, records: list[dict]) -> dict:
         "output_tokens": tokens,
         "mean_input_tokens": float(np.mean([r["input_tokens"] for r in ok])) if ok else None,
         "mean_output_tokens": tokens / len(ok) if ok else None,
-        "ttft_s": _percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
-        "itl_s": _percentiles(itls),
-        "e2e_s": _percentiles([r["latency"] for r in ok]),
+        "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_s": percentiles(itls),
+        "e2e_s": percentiles([r["latency"] for r in ok]),
         "late_arrivals": len(late),
         "error_messages": sorted({r["error"] for r in errors})[:10],
     }
@@ -140,7 +140,7 @@ def verdict(summary: dict, th: Thresholds) -> list[str]:
 
 
 # -- table and chart ---------------------------------------------------------------------------------
-def _ms(v: float | None) -> str:
+def ms(v: float | None) -> str:
     return "–" if v is None else f"{v * 1e3:.1f}"
 
 
@@ -152,9 +152,9 @@ def markdown(summary: dict, title: str = "") -> str:
     )
     rows = "".join(
         f"| {lv['level']} | {lv['requests']} | {lv['errors']} | {lv['requests_per_s']:.2f} "
-        f"| {lv['output_tokens_per_s']:.1f} | {_ms(lv['ttft_s']['p50'])} | {_ms(lv['ttft_s']['p90'])} "
-        f"| {_ms(lv['ttft_s']['p99'])} | {_ms(lv['itl_s']['p50'])} | {_ms(lv['itl_s']['p90'])} "
-        f"| {_ms(lv['itl_s']['p99'])} | {_ms(lv['e2e_s']['p50'])} | {_ms(lv['e2e_s']['p99'])} |\n"
+        f"| {lv['output_tokens_per_s']:.1f} | {ms(lv['ttft_s']['p50'])} | {ms(lv['ttft_s']['p90'])} "
+        f"| {ms(lv['ttft_s']['p99'])} | {ms(lv['itl_s']['p50'])} | {ms(lv['itl_s']['p90'])} "
+        f"| {ms(lv['itl_s']['p99'])} | {ms(lv['e2e_s']['p50'])} | {ms(lv['e2e_s']['p99'])} |\n"
         for lv in summary["levels"]
     )
     intro = f"{title}\n\nTimes in ms.\n\n" if title else "Times in ms.\n\n"

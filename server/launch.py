@@ -1,7 +1,7 @@
 """Start a real `tritonserver` on the model repository (what `make serve` runs).
 
     python -m server.launch [--model-dir DIR] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
-                            [--engine key=value ...]
+                            [--engine key=value ...] [--trace-file FILE]
 
 Finds the server: the NGC container's `/opt/tritonserver`, else the one the `nvidia-pytriton`
 wheel carries (Triton 2.51), whose Python backend gets the stub built for the running Python.
@@ -49,6 +49,7 @@ class ServeConfig:
     engine: dict[str, str] = field(default_factory=dict)  # overrides of the maverick model's parameters
     build_dir: Path = ROOT / "build"
     log_verbose: int = 0
+    trace_file: Path | None = None  # Triton traces every request's timestamps here (written at exit)
 
 
 def free_ports(n: int) -> list[int]:
@@ -143,6 +144,15 @@ def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
         # must not share it.
         f"--backend-config=python,shm-region-prefix-name=maverick_{cfg.http_port}_",
     ]
+    if cfg.trace_file is not None:
+        # every request (rate 1), its timestamps only, one file written when the server stops
+        # (log-frequency 0); `python -m loadtest.trace` reads it
+        cmd += [
+            f"--trace-config=triton,file={Path(cfg.trace_file).resolve()}",
+            "--trace-config=rate=1",
+            "--trace-config=level=TIMESTAMPS",
+            "--trace-config=log-frequency=0",
+        ]
     env = dict(os.environ)
     env["MAVERICK_SITE_PACKAGES"] = os.pathsep.join(
         dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
@@ -221,6 +231,13 @@ def main() -> None:
         "--engine", type=_engine_arg, nargs="*", default=[], help="maverick engine settings, key=value"
     )
     ap.add_argument("--log-verbose", type=int, default=0)
+    ap.add_argument(
+        "--trace-file",
+        type=Path,
+        default=None,
+        help="trace every request's timestamps into this file, written when the server stops "
+        "(read it with `python -m loadtest.trace`)",
+    )
     args = ap.parse_args()
     if not (args.model_dir / "config.json").is_file():
         sys.exit(
@@ -234,6 +251,7 @@ def main() -> None:
         args.metrics_port,
         dict(args.engine),
         log_verbose=args.log_verbose,
+        trace_file=args.trace_file,
     )
     cmd, env = server_command(cfg)
     print(

@@ -40,8 +40,9 @@ def ours_fp32(tiny_ckpt):
 from server.launch import free_ports  # noqa: E402  (re-exported for the test modules)
 
 
-def start_triton(model_dir, build, engine: dict[str, str] | None = None):
-    """A tritonserver on free ports; `engine` overrides the maverick model's engine settings."""
+def start_triton(model_dir, build, engine: dict[str, str] | None = None, trace_file=None):
+    """A tritonserver on free ports; `engine` overrides the maverick model's engine settings;
+    `trace_file` gets Triton's trace of every request when it stops."""
     from server.launch import RunningServer, ServeConfig
 
     http, grpc, metrics = free_ports(3)
@@ -52,6 +53,7 @@ def start_triton(model_dir, build, engine: dict[str, str] | None = None):
         metrics_port=metrics,
         build_dir=build,
         engine=engine or {},
+        trace_file=trace_file,
     )
     return RunningServer(cfg, build / "server.log")
 
