@@ -71,6 +71,9 @@ class ResponseOptions:
     stream: bool = False
     echo_text: str | None = None  # prepended to the first response when exclude_input_in_output is false
     default_max_tokens: bool = True  # max_tokens was not given: fit it to the context left
+    # streamed responses pass postprocessing, which acknowledges them (set by preprocessing: the
+    # ensemble's path; see maverick/serving/response_window.py)
+    flow_control: bool = False
 
 
 @dataclass(frozen=True)

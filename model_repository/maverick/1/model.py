@@ -30,6 +30,7 @@ from maverick.engine.llm_engine import RequestError  # noqa: E402
 from maverick.serving.engine_args import engine_config  # noqa: E402
 from maverick.serving.model_dir import project_root  # noqa: E402
 from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors  # noqa: E402
+from maverick.serving.response_window import NO_ACK, AckBoard  # noqa: E402
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
 # Triton's cancelled flag is only set for direct calls (the ensemble passes cancellation on through
@@ -50,6 +51,7 @@ class TritonPythonModel:
         )
         self.loop_thread.start()
         self.metrics = EngineMetrics(self.engine)
+        self.acks = AckBoard.create()  # postprocessing acknowledges streamed responses here
         self.in_flight: set[asyncio.Future] = set()
         self.live: dict[str, str] = {}  # engine request id -> Triton request id (request-loop thread only)
 
@@ -67,6 +69,7 @@ class TritonPythonModel:
         self.metrics.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.loop_thread.join(timeout=5)
+        self.acks.close()
 
     # -- one request ---------------------------------------------------------------------------
     async def _serve(self, request):
@@ -87,6 +90,9 @@ class TritonPythonModel:
         request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
         self.live[request_id] = request.request_id()
         watcher = asyncio.ensure_future(self._watch(request, request_id))
+        # through the ensemble, at most a few responses in flight past postprocessing; the rest
+        # wait here, merged (maverick/serving/response_window.py)
+        window = self.acks.window() if req.options.stream and req.options.flow_control else None
         text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
         try:
             stream = self.engine.generate(request_id, req.prompt, req.params)
@@ -95,11 +101,18 @@ class TritonPythonModel:
                     self.metrics.observe(out)
                     last = out
                     if req.options.stream:
-                        _send(
-                            sender,
-                            _response(request_id, text[0] + out.text, out.token_ids, out, out.logprobs or []),
-                            out.finished,
+                        update, ack = (out, NO_ACK) if window is None else (window.offer(out) or (None, None))
+                        if update is None:
+                            continue  # held: this stream has enough responses in flight
+                        response = _response(
+                            request_id,
+                            text[0] + update.text,
+                            update.token_ids,
+                            update,
+                            update.logprobs or [],
+                            ack,
                         )
+                        _send(sender, response, update.finished)
                         text[0] = ""
                     else:
                         text.append(out.text)
@@ -120,6 +133,8 @@ class TritonPythonModel:
         finally:
             watcher.cancel()
             self.live.pop(request_id, None)
+            if window is not None:
+                window.close()
 
     def _abort(self, target: str, sender) -> None:
         """Stop the engine requests named by their engine id or their Triton request id."""
@@ -140,7 +155,7 @@ class _Undeliverable(Exception):
     """A response could not be sent: the request was cancelled or its client disconnected."""
 
 
-def _response(request_id, text, token_ids, out, logprobs):
+def _response(request_id, text, token_ids, out, logprobs, ack=NO_ACK):
     finish = (out.finish_reason or "") if out is not None and out.finished else ""
     error = out.error if out is not None else None
     if error:
@@ -158,6 +173,7 @@ def _response(request_id, text, token_ids, out, logprobs):
                 "log_probs", np.asarray([[lp for lp in logprobs if lp is not None]], dtype=np.float32)
             ),
             pb_utils.Tensor("llm_request_id_utf8", _utf8(request_id)),
+            pb_utils.Tensor("ack", ack),
         ]
     )
 

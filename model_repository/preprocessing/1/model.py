@@ -1,6 +1,7 @@
 """Triton adapter: request inputs -> prompt ids, image tiles and the request JSON (see
 maverick.serving.request). A bad request fails alone with INVALID_ARG."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +31,11 @@ class TritonPythonModel:
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
             try:
-                tensors = to_tensors(parse_request(inputs, self.tokenizer, self.defaults))
+                req = parse_request(inputs, self.tokenizer, self.defaults)
+                # the ensemble sends the step's responses through postprocessing, which
+                # acknowledges them: the step may hold a stream's tokens while it lags behind
+                req = dataclasses.replace(req, options=dataclasses.replace(req.options, flow_control=True))
+                tensors = to_tensors(req)
             except InvalidRequest as e:
                 error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))

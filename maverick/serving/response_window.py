@@ -1,0 +1,142 @@
+"""Flow control for responses streamed through the ensemble: at most a few in flight per request.
+
+Every streamed response of the `maverick` step becomes one request to `postprocessing`, which runs
+one instance without a batcher (so that it keeps each stream's order and sees cancelled requests).
+When responses come faster than it serves them they queue in front of it, and each stream's tokens
+reach the client late by the whole queue. So the `maverick` step keeps at most
+RESPONSES_IN_FLIGHT responses per request past it: postprocessing acknowledges each response it
+has handled, and while a request has that many unacknowledged, its new tokens wait and leave
+merged into the next response (nothing is dropped; the last response always leaves at once). A
+server with time to spare acknowledges before the next engine step and streams every token;
+a busy one sends fewer, larger responses instead of a growing queue.
+
+The acknowledgements go through an AckBoard: an int64 array in a small file in shared memory
+(/dev/shm), created by the `maverick` model instance (named by a random id) and written by
+postprocessing. Slot s holds the last acknowledged response of the request that owns s, tagged
+with the owner's generation so that a late acknowledgement of a previous owner is ignored.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+RESPONSES_IN_FLIGHT = 2
+NUM_SLOTS = 4096  # concurrent flow-controlled requests per model instance; more go uncontrolled
+_SEQ_BITS = 32
+
+
+def board_path(board_id: int) -> Path:
+    shm = Path("/dev/shm")
+    return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"maverick-acks-{board_id:x}"
+
+
+def pack(generation: int, seq: int) -> int:
+    """A response's acknowledgement value: its request's generation and its number (from 1)."""
+    return (generation << _SEQ_BITS) | seq
+
+
+class AckBoard:
+    """The shared array. The `maverick` side creates it and hands out slots; postprocessing opens
+    it by id and writes acknowledgements."""
+
+    def __init__(self, path: Path, board_id: int, slots: np.ndarray, owner: bool):
+        self.path, self.board_id, self.slots, self.owner = path, board_id, slots, owner
+        self._free: deque[int] = deque(range(len(slots))) if owner else deque()
+        self._generation = 0
+
+    @classmethod
+    def create(cls, board_id: int | None = None, num_slots: int = NUM_SLOTS) -> AckBoard:
+        board_id = secrets.randbits(62) if board_id is None else board_id  # never reused
+        path = board_path(board_id)
+        slots = np.memmap(path, dtype=np.int64, mode="w+", shape=(num_slots,))
+        return cls(path, board_id, slots, owner=True)
+
+    @classmethod
+    def open(cls, board_id: int) -> AckBoard:
+        path = board_path(board_id)
+        return cls(path, board_id, np.memmap(path, dtype=np.int64, mode="r+"), owner=False)
+
+    # -- the maverick side ------------------------------------------------------------------------
+    def window(self, limit: int = RESPONSES_IN_FLIGHT) -> ResponseWindow | None:
+        """A flow-controlled window for one request, or None when every slot is taken."""
+        if not self._free:
+            return None
+        slot = self._free.popleft()
+        self._generation += 1
+        self.slots[slot] = pack(self._generation, 0)
+        return ResponseWindow(self, slot, self._generation, limit)
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def acknowledged(self, slot: int, generation: int) -> int:
+        """How many responses of this slot's current request postprocessing has handled."""
+        value = int(self.slots[slot])
+        return value & ((1 << _SEQ_BITS) - 1) if value >> _SEQ_BITS == generation else 0
+
+    def close(self) -> None:
+        del self.slots
+        if self.owner:
+            self.path.unlink(missing_ok=True)
+
+    # -- the postprocessing side ------------------------------------------------------------------
+    def acknowledge(self, slot: int, value: int) -> None:
+        if 0 <= slot < len(self.slots):
+            self.slots[slot] = value
+
+
+class ResponseWindow:
+    """One request's streamed responses: `offer` each engine update, send what it returns."""
+
+    def __init__(self, board: AckBoard, slot: int, generation: int, limit: int):
+        self.board, self.slot, self.generation, self.limit = board, slot, generation, limit
+        self.sent = 0
+        self._held = None  # updates not sent yet, merged (a RequestOutput)
+
+    def in_flight(self) -> int:
+        return self.sent - self.board.acknowledged(self.slot, self.generation)
+
+    def offer(self, out):
+        """out: the request's next engine update (RequestOutput). Returns (update to send: every
+        update held so far merged with this one, its `ack` tensor [1, 3] int64), or None while
+        `limit` responses are unacknowledged (out is held). The last update always leaves."""
+        from maverick.engine.output_streams import merge  # engine types; postprocessing never offers
+
+        self._held = out if self._held is None else merge(self._held, out)
+        if not out.finished and self.in_flight() >= self.limit:
+            return None
+        update, self._held = self._held, None
+        self.sent += 1
+        ack = np.array([[self.board.board_id, self.slot, pack(self.generation, self.sent)]], dtype=np.int64)
+        return update, ack
+
+    def close(self) -> None:
+        self.board.release(self.slot)
+
+
+NO_ACK = np.array([[-1, -1, 0]], dtype=np.int64)  # a response nobody acknowledges
+
+
+class Acknowledger:
+    """Postprocessing's side: acknowledge a response from its `ack` tensor, opening boards as they
+    appear (one per `maverick` instance)."""
+
+    def __init__(self) -> None:
+        self.boards: dict[int, AckBoard] = {}
+
+    def __call__(self, ack: np.ndarray) -> None:
+        board_id, slot, value = (int(v) for v in ack.reshape(-1)[:3])
+        if board_id < 0:
+            return
+        board = self.boards.get(board_id)
+        if board is None:
+            try:
+                board = self.boards[board_id] = AckBoard.open(board_id)
+            except OSError:
+                return  # its instance is gone: nobody waits for this acknowledgement
+        board.acknowledge(slot, value)

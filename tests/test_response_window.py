@@ -1,0 +1,103 @@
+"""Flow control of streamed responses (maverick/serving/response_window.py): the `maverick` step
+keeps at most `limit` unacknowledged responses per stream and merges what it holds back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maverick.engine.llm_engine import RequestOutput
+from maverick.serving.response_window import NO_ACK, AckBoard, Acknowledger, board_path
+
+
+@pytest.fixture
+def board():
+    board = AckBoard.create(num_slots=4)
+    yield board
+    board.close()
+
+
+def update(ids, finished=False):
+    return RequestOutput(
+        "r",
+        list(ids),
+        "".join(f"<{i}>" for i in ids),
+        finished,
+        finish_reason="length" if finished else None,
+        num_output_tokens=max(ids),
+        logprobs=[-float(i) for i in ids],
+        token_times=[float(i) for i in ids],
+    )
+
+
+def test_at_most_limit_unacknowledged_and_held_updates_leave_merged(board):
+    window = board.window(limit=2)
+    postprocessing = Acknowledger()
+    sent = [window.offer(update([1])), window.offer(update([2]))]
+    assert all(s is not None for s in sent)
+    assert window.offer(update([3])) is None  # two in flight: held
+    assert window.offer(update([4])) is None
+    postprocessing(sent[0][1])  # the first response is handled
+    merged, ack = window.offer(update([5]))
+    assert merged.token_ids == [3, 4, 5] and merged.text == "<3><4><5>"
+    assert merged.logprobs == [-3.0, -4.0, -5.0] and merged.token_times == [3.0, 4.0, 5.0]
+    assert merged.num_output_tokens == 5
+    assert window.offer(update([6])) is None  # responses 2 and 3 in flight
+    last, _ = window.offer(update([7], finished=True))  # the last update always leaves
+    assert last.token_ids == [6, 7] and last.finished and last.finish_reason == "length"
+    assert [int(v) for v in ack.reshape(-1)[:2]] == [board.board_id, window.slot]
+
+
+def test_acknowledgements_cross_processes(board):
+    window = board.window(limit=1)
+    _, ack = window.offer(update([1]))
+    assert window.offer(update([2])) is None
+    code = (
+        "import numpy as np, sys\n"
+        "from maverick.serving.response_window import Acknowledger\n"
+        "Acknowledger()(np.array([int(v) for v in sys.argv[1:]]))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, *map(str, ack.reshape(-1))], check=True)
+    assert window.in_flight() == 0
+    assert window.offer(update([3])) is not None
+
+
+def test_a_late_acknowledgement_of_a_previous_owner_is_ignored():
+    board = AckBoard.create(num_slots=1)
+    try:
+        old = board.window(limit=1)
+        _, old_ack = old.offer(update([1]))
+        old.offer(update([2], finished=True))
+        old.close()
+        new = board.window(limit=1)  # the same slot, a new generation
+        assert new.slot == old.slot
+        new.offer(update([1]))
+        Acknowledger()(old_ack)  # postprocessing handles the old request's response only now
+        assert new.in_flight() == 1 and new.offer(update([2])) is None
+    finally:
+        board.close()
+
+
+def test_slots_run_out_and_come_back(board):
+    windows = [board.window() for _ in range(4)]
+    assert board.window() is None  # uncontrolled: the caller streams every update
+    windows[2].close()
+    assert board.window().slot == windows[2].slot
+
+
+def test_acknowledger_ignores_uncontrolled_and_vanished_boards(board):
+    postprocessing = Acknowledger()
+    postprocessing(NO_ACK)
+    postprocessing(np.array([[board.board_id + 1, 0, 1]]))  # no such board: its instance is gone
+    assert postprocessing.boards == {}
+
+
+def test_close_removes_the_board_file():
+    board = AckBoard.create(num_slots=2)
+    path = board_path(board.board_id)
+    assert path.exists()
+    board.close()
+    assert not path.exists()
