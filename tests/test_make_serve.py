@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 from conftest import free_ports
 
+from maverick.serving.response_window import board_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,8 +29,14 @@ def _ready(port: int, timeout: float) -> bool:
     return False
 
 
+def _ack_boards() -> set[Path]:
+    """The maverick instances' flow-control boards (maverick/serving/response_window.py)."""
+    return set(board_path(0).parent.glob("maverick-acks-*"))
+
+
 def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path):
     http, grpc, metrics = free_ports(3)
+    boards_before = _ack_boards()
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     serve = subprocess.Popen(
         ["make", "serve", f"HTTP_PORT={http}", f"GRPC_PORT={grpc}", f"METRICS_PORT={metrics}"],
@@ -66,6 +74,8 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path):
         subprocess.run(["make", "stop"], cwd=ROOT, capture_output=True, timeout=30)
         assert serve.wait(timeout=30) == 0
         log.close()
-    # Nothing outlives the server: tritonserver, the models' stubs and the engine process.
+    # Nothing outlives the server: tritonserver, the models' stubs and the engine process, and
+    # the maverick instance's shared-memory board.
     _, alive = psutil.wait_procs(processes, timeout=15)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    assert _ack_boards() <= boards_before
