@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from maverick.engine.llm_engine import RequestOutput
@@ -48,7 +47,7 @@ def test_at_most_limit_unacknowledged_and_held_updates_leave_merged(board):
     assert window.offer(update([6])) is None  # responses 2 and 3 in flight
     last, _ = window.offer(update([7], finished=True))  # the last update always leaves
     assert last.token_ids == [6, 7] and last.finished and last.finish_reason == "length"
-    assert [int(v) for v in ack.reshape(-1)[:2]] == [board.board_id, window.slot]
+    assert ack[:2] == (board.board_id, window.slot)
 
 
 def test_acknowledgements_cross_processes(board):
@@ -56,11 +55,11 @@ def test_acknowledgements_cross_processes(board):
     _, ack = window.offer(update([1]))
     assert window.offer(update([2])) is None
     code = (
-        "import numpy as np, sys\n"
+        "import sys\n"
         "from maverick.serving.response_window import Acknowledger\n"
-        "Acknowledger()(np.array([int(v) for v in sys.argv[1:]]))\n"
+        "Acknowledger()(tuple(int(v) for v in sys.argv[1:]))\n"
     )
-    subprocess.run([sys.executable, "-c", code, *map(str, ack.reshape(-1))], check=True)
+    subprocess.run([sys.executable, "-c", code, *map(str, ack)], check=True)
     assert window.in_flight() == 0
     assert window.offer(update([3])) is not None
 
@@ -91,7 +90,7 @@ def test_slots_run_out_and_come_back(board):
 def test_acknowledger_ignores_uncontrolled_and_vanished_boards(board):
     postprocessing = Acknowledger()
     postprocessing(NO_ACK)
-    postprocessing(np.array([[board.board_id + 1, 0, 1]]))  # no such board: its instance is gone
+    postprocessing((board.board_id + 1, 0, 1))  # no such board: its instance is gone
     assert postprocessing.boards == {}
 
 

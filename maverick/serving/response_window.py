@@ -103,8 +103,9 @@ class ResponseWindow:
 
     def offer(self, out):
         """out: the request's next engine update (RequestOutput). Returns (update to send: every
-        update held so far merged with this one, its `ack` tensor [1, 3] int64), or None while
-        `limit` responses are unacknowledged (out is held). The last update always leaves."""
+        update held so far merged with this one, its ack), or None while
+        `limit` responses are unacknowledged (out is held). The last update always leaves.
+        The ack is (board id, slot, value) for the response's StepOutput."""
         from maverick.engine.output_streams import merge  # engine types; postprocessing never offers
 
         self._held = out if self._held is None else merge(self._held, out)
@@ -112,25 +113,24 @@ class ResponseWindow:
             return None
         update, self._held = self._held, None
         self.sent += 1
-        ack = np.array([[self.board.board_id, self.slot, pack(self.generation, self.sent)]], dtype=np.int64)
-        return update, ack
+        return update, (self.board.board_id, self.slot, pack(self.generation, self.sent))
 
     def close(self) -> None:
         self.board.release(self.slot)
 
 
-NO_ACK = np.array([[-1, -1, 0]], dtype=np.int64)  # a response nobody acknowledges
+NO_ACK = (-1, -1, 0)  # a response nobody acknowledges
 
 
 class Acknowledger:
-    """Postprocessing's side: acknowledge a response from its `ack` tensor, opening boards as they
-    appear (one per `maverick` instance)."""
+    """Postprocessing's side: acknowledge a response from its ack (board id, slot, value), opening
+    boards as they appear (one per `maverick` instance)."""
 
     def __init__(self) -> None:
         self.boards: dict[int, AckBoard] = {}
 
-    def __call__(self, ack: np.ndarray) -> None:
-        board_id, slot, value = (int(v) for v in ack.reshape(-1)[:3])
+    def __call__(self, ack: tuple[int, int, int]) -> None:
+        board_id, slot, value = ack
         if board_id < 0:
             return
         board = self.boards.get(board_id)

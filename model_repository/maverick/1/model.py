@@ -31,6 +31,7 @@ from maverick.serving.engine_args import engine_config  # noqa: E402
 from maverick.serving.model_dir import project_root  # noqa: E402
 from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors  # noqa: E402
 from maverick.serving.response_window import NO_ACK, AckBoard  # noqa: E402
+from maverick.serving.step_output import StepOutput  # noqa: E402
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
 # Triton's cancelled flag is only set for direct calls (the ensemble passes cancellation on through
@@ -160,27 +161,16 @@ def _response(request_id, text, token_ids, out, logprobs, ack=NO_ACK):
     error = out.error if out is not None else None
     if error:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))
-    return pb_utils.InferenceResponse(
-        [
-            pb_utils.Tensor("text_utf8", _utf8(text)),
-            pb_utils.Tensor("token_ids", np.asarray([token_ids], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("finish_reason_utf8", _utf8(finish)),
-            pb_utils.Tensor(
-                "num_input_tokens", np.array([[out.num_prompt_tokens if out else 0]], dtype=np.int32)
-            ),
-            pb_utils.Tensor("num_output_tokens", np.array([[len(token_ids)]], dtype=np.int32)),
-            pb_utils.Tensor(
-                "log_probs", np.asarray([[lp for lp in logprobs if lp is not None]], dtype=np.float32)
-            ),
-            pb_utils.Tensor("llm_request_id_utf8", _utf8(request_id)),
-            pb_utils.Tensor("ack", ack),
-        ]
+    step = StepOutput(
+        text=text.encode(),
+        token_ids=np.asarray(token_ids, dtype=np.int32),
+        finish_reason=finish.encode(),
+        num_input_tokens=out.num_prompt_tokens if out else 0,
+        log_probs=np.asarray([lp for lp in logprobs if lp is not None], dtype=np.float32),
+        llm_request_id=request_id.encode(),
+        ack=ack,
     )
-
-
-def _utf8(text: str) -> np.ndarray:
-    """[1, n] uint8: numeric, so Triton copies it instead of serialising a string tensor in Python."""
-    return np.frombuffer(text.encode(), dtype=np.uint8).reshape(1, -1)
+    return pb_utils.InferenceResponse([pb_utils.Tensor("step", step.to_array())])
 
 
 def _send(sender, response, final: bool):

@@ -1,12 +1,13 @@
 """Triton adapter: the LLM step's per-step outputs -> the public outputs (TensorRT-LLM names).
 
-The text delta arrives already exact from the engine, which detokenizes
-incrementally anyway to match stop strings on text; here it only takes its public name (and type:
-the `maverick` step sends strings as UTF-8 bytes, which are cheap for it to send), so a request's
-chunks concatenate to exactly the non-streamed text. One instance keeps chunk order.
+The `maverick` step sends each update as one packed UINT8 tensor (maverick/serving/step_output.py:
+one tensor per response is what is cheap to pass through the ensemble); here it becomes the public
+tensors. The text delta arrives already exact from the engine, which detokenizes incrementally
+anyway to match stop strings on text, so a request's chunks concatenate to exactly the
+non-streamed text. One instance keeps chunk order.
 
-Flow control: each response is acknowledged to the `maverick` step that sent it (its `ack`
-tensor names the slot), which keeps at most a few responses per stream in flight past this model
+Flow control: each response is acknowledged to the `maverick` step that sent it (its update
+names the slot), which keeps at most a few responses per stream in flight past this model
 and merges the rest (maverick/serving/response_window.py): one instance without a batcher is the
 ensemble's narrowest point, and this keeps a queue from building up in front of it.
 
@@ -25,14 +26,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from maverick.serving.response_window import Acknowledger  # noqa: E402
-
-RENAMES = {  # maverick's output -> the public one (TensorRT-LLM's names)
-    "token_ids": "output_token_ids",
-    "num_input_tokens": "num_input_tokens",
-    "num_output_tokens": "num_output_tokens",
-    "log_probs": "output_log_probs",
-}
-STRINGS = {"text_utf8": "text_output", "finish_reason_utf8": "finish_reason"}  # UTF-8 bytes -> TYPE_STRING
+from maverick.serving.step_output import MalformedStepOutput, StepOutput  # noqa: E402
 
 
 class TritonPythonModel:
@@ -42,26 +36,28 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            try:
+                step = StepOutput.from_array(pb_utils.get_input_tensor_by_name(request, "step").as_numpy())
+            except MalformedStepOutput as e:
+                error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
+                continue
             # handled: the maverick step may send this stream's next response
-            self.acknowledge(pb_utils.get_input_tensor_by_name(request, "ack").as_numpy())
+            self.acknowledge(step.ack)
             if request.is_cancelled():
                 # Answer normally all the same: an error here would leave the ensemble waiting for
                 # the decoupled step's final response forever (it counts the request in flight).
-                _abort(_string(request, "llm_request_id_utf8"))
-            tensors = [
-                pb_utils.Tensor(public, pb_utils.get_input_tensor_by_name(request, name).as_numpy())
-                for name, public in RENAMES.items()
-            ]
-            tensors += [
-                pb_utils.Tensor(public, np.array([[_string(request, name)]], dtype=object))
-                for name, public in STRINGS.items()
-            ]
-            responses.append(pb_utils.InferenceResponse(tensors))
+                _abort(step.llm_request_id)
+            outputs = {  # TensorRT-LLM's names
+                "text_output": np.array([[step.text]], dtype=object),
+                "output_token_ids": step.token_ids.reshape(1, -1),
+                "finish_reason": np.array([[step.finish_reason]], dtype=object),
+                "num_input_tokens": np.array([[step.num_input_tokens]], dtype=np.int32),
+                "num_output_tokens": np.array([[step.token_ids.size]], dtype=np.int32),
+                "output_log_probs": step.log_probs.reshape(1, -1),
+            }
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
         return responses
-
-
-def _string(request, name: str) -> bytes:
-    return pb_utils.get_input_tensor_by_name(request, name).as_numpy().tobytes()
 
 
 def _abort(llm_request_id: bytes) -> None:

@@ -1,0 +1,58 @@
+"""The `maverick` step's packed update (maverick/serving/step_output.py): what postprocessing
+unpacks is exactly what the step packed; a truncated or inconsistent one is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from maverick.serving.step_output import HEADER, MalformedStepOutput, StepOutput
+
+
+def test_round_trip_keeps_every_field():
+    step = StepOutput(
+        text="naïve 日本 🙂".encode(),
+        token_ids=np.array([5, 0, 2**31 - 1, 4047], dtype=np.int32),
+        finish_reason=b"stop",
+        num_input_tokens=1234,
+        log_probs=np.array([-0.25, -1e-9, -30.5], dtype=np.float32),
+        llm_request_id="req-é-1".encode(),
+        ack=(2**62 - 1, 4095, (7 << 32) | 3),
+    )
+    array = step.to_array()
+    assert array.dtype == np.uint8 and array.shape[0] == 1
+    back = StepOutput.from_array(array)
+    assert back.text.decode() == "naïve 日本 🙂" and back.finish_reason == b"stop"
+    assert back.token_ids.tolist() == [5, 0, 2**31 - 1, 4047] and back.token_ids.dtype == np.int32
+    assert back.log_probs.tolist() == step.log_probs.tolist() and back.log_probs.dtype == np.float32
+    assert back.num_input_tokens == 1234 and back.llm_request_id == "req-é-1".encode()
+    assert back.ack == step.ack
+
+
+def test_an_update_without_tokens_or_text():
+    step = StepOutput(b"", np.zeros(0, np.int32), b"", 7, np.zeros(0, np.float32), b"r")
+    back = StepOutput.from_array(step.to_array())
+    assert (back.text, back.finish_reason, back.llm_request_id, back.ack) == (b"", b"", b"r", (-1, -1, 0))
+    assert back.token_ids.size == 0 and back.log_probs.size == 0
+
+
+@pytest.mark.parametrize("cut", [0, 3, HEADER * 8 - 1, HEADER * 8 + 5, -1])
+def test_a_truncated_update_is_refused(cut):
+    array = StepOutput(
+        b"hello", np.arange(3, dtype=np.int32), b"", 1, np.zeros(0, np.float32), b"r"
+    ).to_array()
+    with pytest.raises(MalformedStepOutput):
+        StepOutput.from_array(array[:, :cut])
+
+
+def test_trailing_bytes_are_refused():
+    array = StepOutput(b"hi", np.zeros(0, np.int32), b"", 1, np.zeros(0, np.float32), b"r").to_array()
+    with pytest.raises(MalformedStepOutput):
+        StepOutput.from_array(np.concatenate([array, np.zeros((1, 1), np.uint8)], axis=1))
+
+
+def test_negative_sizes_are_refused():
+    header = np.zeros(HEADER, dtype="<i8")
+    header[1] = -1  # token ids
+    with pytest.raises(MalformedStepOutput):
+        StepOutput.from_array(np.frombuffer(header.tobytes(), np.uint8)[None])
