@@ -100,3 +100,18 @@ def test_close_removes_the_board_file():
     assert path.exists()
     board.close()
     assert not path.exists()
+
+
+def test_generations_wrap_inside_an_int64():
+    board = AckBoard.create(num_slots=1)
+    try:
+        board._generation = (1 << 30) - 2  # the next window takes the last generation
+        last = board.window(limit=1)
+        _, ack = last.offer(update([1], finished=True))
+        last.close()
+        wrapped = board.window(limit=1)
+        assert last.generation == (1 << 30) - 1 and wrapped.generation == 1
+        Acknowledger()(ack)  # the previous generation's acknowledgement
+        assert wrapped.in_flight() == 0 and wrapped.offer(update([1])) is not None
+    finally:
+        board.close()

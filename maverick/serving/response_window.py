@@ -28,6 +28,7 @@ import numpy as np
 RESPONSES_IN_FLIGHT = 2
 NUM_SLOTS = 4096  # concurrent flow-controlled requests per model instance; more go uncontrolled
 _SEQ_BITS = 32
+_MAX_GENERATION = (1 << 30) - 1
 
 
 def board_path(board_id: int) -> Path:
@@ -67,7 +68,7 @@ class AckBoard:
         if not self._free:
             return None
         slot = self._free.popleft()
-        self._generation += 1
+        self._generation = self._generation % _MAX_GENERATION + 1  # stays in an int64 with its seq
         self.slots[slot] = pack(self._generation, 0)
         return ResponseWindow(self, slot, self._generation, limit)
 
