@@ -102,9 +102,10 @@ class TritonPythonModel:
                     self.metrics.observe(out)
                     last = out
                     if req.options.stream:
-                        update, ack = (out, NO_ACK) if window is None else (window.offer(out) or (None, None))
-                        if update is None:
+                        offered = (out, NO_ACK) if window is None else window.offer(out)
+                        if offered is None:
                             continue  # held: this stream has enough responses in flight
+                        update, ack = offered
                         response = _response(
                             request_id,
                             text[0] + update.text,
