@@ -46,6 +46,8 @@ SCALARS = {
     "exclude_input_in_output": ("BOOL", bool),
     "apply_chat_template": ("BOOL", bool),
     "return_log_probs": ("BOOL", bool),
+    "return_num_input_tokens": ("BOOL", bool),
+    "return_num_output_tokens": ("BOOL", bool),
 }
 LISTS = ("stop_words", "bad_words")
 
@@ -116,6 +118,8 @@ def request_fields(
     if unknown:
         raise ValueError(f"unknown request fields {sorted(unknown)}")
     fields: dict[str, Any] = {k: v for k, v in sampling.items() if v is not None}
+    # the summary line shows the prompt's size, which the server only sends when asked
+    fields.setdefault("return_num_input_tokens", True)
     if messages is not None:
         fields["messages"] = json.dumps(messages)
     if text is not None:
@@ -234,12 +238,14 @@ def _chunk(values: dict[str, Any], t: float) -> Chunk:
     text = text.decode() if isinstance(text, bytes) else str(text)
     finish = finish.decode() if isinstance(finish, bytes) else str(finish)
     ids = values.get("output_token_ids")
+    token_ids = [int(i) for i in np.asarray(ids).reshape(-1)] if ids is not None else []
     return Chunk(
         text=text,
-        token_ids=[int(i) for i in np.asarray(ids).reshape(-1)] if ids is not None else [],
+        token_ids=token_ids,
         finish_reason=finish or None,
         num_input_tokens=int(_first(values.get("num_input_tokens"), 0)),
-        num_output_tokens=int(_first(values.get("num_output_tokens"), 0)),
+        # sent when asked (return_num_output_tokens); the token ids always are
+        num_output_tokens=int(_first(values.get("num_output_tokens"), len(token_ids))),
         time=t,
     )
 

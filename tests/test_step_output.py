@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maverick.serving.step_output import HEADER, MalformedStepOutput, StepOutput
+from maverick.serving.step_output import (
+    HEADER,
+    RETURN_LOG_PROBS,
+    RETURN_NUM_OUTPUT_TOKENS,
+    MalformedStepOutput,
+    StepOutput,
+)
 
 
 def test_round_trip_keeps_every_field():
@@ -17,6 +23,7 @@ def test_round_trip_keeps_every_field():
         num_input_tokens=1234,
         log_probs=np.array([-0.25, -1e-9, -30.5], dtype=np.float32),
         llm_request_id="req-é-1".encode(),
+        returns=RETURN_NUM_OUTPUT_TOKENS | RETURN_LOG_PROBS,
         ack=(2**62 - 1, 4095, (7 << 32) | 3),
     )
     array = step.to_array()
@@ -26,13 +33,19 @@ def test_round_trip_keeps_every_field():
     assert back.token_ids.tolist() == [5, 0, 2**31 - 1, 4047] and back.token_ids.dtype == np.int32
     assert back.log_probs.tolist() == step.log_probs.tolist() and back.log_probs.dtype == np.float32
     assert back.num_input_tokens == 1234 and back.llm_request_id == "req-é-1".encode()
-    assert back.ack == step.ack
+    assert back.returns == RETURN_NUM_OUTPUT_TOKENS | RETURN_LOG_PROBS and back.ack == step.ack
 
 
 def test_an_update_without_tokens_or_text():
     step = StepOutput(b"", np.zeros(0, np.int32), b"", 7, np.zeros(0, np.float32), b"r")
     back = StepOutput.from_array(step.to_array())
-    assert (back.text, back.finish_reason, back.llm_request_id, back.ack) == (b"", b"", b"r", (-1, -1, 0))
+    assert (back.text, back.finish_reason, back.llm_request_id, back.returns, back.ack) == (
+        b"",
+        b"",
+        b"r",
+        0,
+        (-1, -1, 0),
+    )
     assert back.token_ids.size == 0 and back.log_probs.size == 0
 
 

@@ -261,3 +261,74 @@ def test_exclude_input_in_output_false_puts_the_prompt_first(triton):
     with GrpcClient(triton.grpc_url) as c:
         chunks = list(c.stream(text="Echo me", max_tokens=4, temperature=0.0, exclude_input_in_output=False))
     assert chunks[0].text.startswith("Echo me") and "".join(ch.text for ch in chunks) == echoed.text
+
+
+def _grpc_output_names(url: str, fields: dict) -> list[dict[str, np.ndarray]]:
+    """Each response of one gRPC stream as {output name: array}, as it came off the wire."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from client.llm import grpc_inputs
+
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        client.async_stream_infer("ensemble", grpc_inputs(fields), enable_empty_final_response=True)
+        responses = []
+        while True:
+            result, error = got.get(timeout=60)
+            assert error is None, error
+            outputs = result.get_response().outputs
+            if outputs:
+                responses.append({o.name: result.as_numpy(o.name) for o in outputs})
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return responses
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_optional_outputs_are_sent_only_when_asked(triton):
+    """TensorRT-LLM's convention: the counts and log-probs only for a request that asks for them
+    (return_*), finish_reason only in the response that ends the answer; text and token ids in
+    every response. Checked on the wire, over gRPC and over HTTP's /generate_stream."""
+    base = {"text_input": "Count to five", "max_tokens": 6, "temperature": 0.0, "stream": True}
+    plain = _grpc_output_names(triton.grpc_url, base)
+    assert plain and all({"text_output", "output_token_ids"} <= set(r) for r in plain)
+    assert [set(r) - {"text_output", "output_token_ids"} for r in plain] == [set()] * (len(plain) - 1) + [
+        {"finish_reason"}
+    ]
+    assert plain[-1]["finish_reason"].reshape(-1)[0] == b"length"
+
+    asked = {
+        **base,
+        "return_num_input_tokens": True,
+        "return_num_output_tokens": True,
+        "return_log_probs": True,
+    }
+    full = _grpc_output_names(triton.grpc_url, asked)
+    assert [t for r in full for t in r["output_token_ids"].reshape(-1)] == [
+        t for r in plain for t in r["output_token_ids"].reshape(-1)
+    ]
+    counts = {int(r["num_input_tokens"].reshape(-1)[0]) for r in full}
+    assert len(counts) == 1 and counts.pop() > 5
+    for r in full:
+        n = r["output_token_ids"].size
+        assert int(r["num_output_tokens"].reshape(-1)[0]) == n and r["output_log_probs"].size == n
+        assert (r["output_log_probs"] <= 0).all()
+
+    body = json.dumps({**base, "return_num_output_tokens": True}).encode()
+    request = urllib.request.Request(
+        f"http://{triton.http_url}/v2/models/ensemble/generate_stream",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        events = [
+            json.loads(line[5:]) for line in resp.read().decode().splitlines() if line.startswith("data:")
+        ]
+    assert events and sum(e["num_output_tokens"] for e in events) == 6
+    assert not any("num_input_tokens" in e or "output_log_probs" in e for e in events)
+    assert [("finish_reason" in e) for e in events] == [False] * (len(events) - 1) + [True]

@@ -27,6 +27,7 @@ from maverick.engine.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, 
 from maverick.engine.sequence import ImageInput, Prompt
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
+from maverick.serving.step_output import RETURN_LOG_PROBS, RETURN_NUM_INPUT_TOKENS, RETURN_NUM_OUTPUT_TOKENS
 from maverick.tokenizer import Tokenizer
 
 MAX_TEXT_BYTES = 1 << 20  # 1 MiB of prompt text
@@ -74,6 +75,10 @@ class ResponseOptions:
     # streamed responses pass postprocessing, which acknowledges them (set by preprocessing: the
     # ensemble's path; see maverick/serving/response_window.py)
     flow_control: bool = False
+    # optional outputs, sent only when asked (TensorRT-LLM's return_* inputs): every output tensor
+    # costs each streamed response a copy at every hop of the ensemble
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,15 @@ class GenerateRequest:
     prompt: Prompt
     params: SamplingParams
     options: ResponseOptions
+
+    @property
+    def returns(self) -> int:
+        """The optional outputs asked for, as `step_output.RETURN_*` bits."""
+        return (
+            (RETURN_NUM_INPUT_TOKENS if self.options.return_num_input_tokens else 0)
+            | (RETURN_NUM_OUTPUT_TOKENS if self.options.return_num_output_tokens else 0)
+            | (RETURN_LOG_PROBS if self.params.logprobs else 0)
+        )
 
 
 # -- reading one request's inputs ------------------------------------------------------------------
@@ -173,6 +187,8 @@ def parse_request(
         stream=bool(flags["stream"]),
         echo_text=None if flags["exclude_input_in_output"] in (None, True) else echo,
         default_max_tokens="max_tokens" not in inputs,
+        return_num_input_tokens=bool(flags["return_num_input_tokens"]),
+        return_num_output_tokens=bool(flags["return_num_output_tokens"]),
     )
     return GenerateRequest(prompt, params, options)
 

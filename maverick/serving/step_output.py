@@ -6,8 +6,9 @@ per streamed response. So the step's private output is one byte string, and post
 which makes the public tensors, unpacks it.
 
 Layout (little-endian): a header of HEADER int64 values — num_input_tokens, number of token ids,
-number of log-probs, bytes of text, of finish reason and of engine request id, then the
-flow-control acknowledgement (board id, slot, value; see response_window.py) — followed by the
+number of log-probs, bytes of text, of finish reason and of engine request id, the optional
+outputs the request asked for (`returns`, RETURN_* bits), then the flow-control acknowledgement
+(board id, slot, value; see response_window.py) — followed by the
 token ids (int32), the log-probs (float32), the text, the finish reason and the engine request id
 (UTF-8). The sizes must add up to the tensor's exactly.
 """
@@ -18,12 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HEADER = 9
+HEADER = 10
 _I64, _I32, _F32 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
 
 
 class MalformedStepOutput(ValueError):
     pass
+
+
+# `returns` bits: the optional public outputs a request asked for (TensorRT-LLM's return_* inputs)
+RETURN_NUM_INPUT_TOKENS = 1
+RETURN_NUM_OUTPUT_TOKENS = 2
+RETURN_LOG_PROBS = 4
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class StepOutput:
     num_input_tokens: int
     log_probs: np.ndarray  # [m] float32 (m = 0 when not asked for)
     llm_request_id: bytes  # the engine request, UTF-8 (how postprocessing aborts it)
+    returns: int = 0  # RETURN_* bits
     ack: tuple[int, int, int] = (-1, -1, 0)  # (board id, slot, value), -1: not flow-controlled
 
     def to_array(self) -> np.ndarray:
@@ -48,6 +56,7 @@ class StepOutput:
                 len(self.text),
                 len(self.finish_reason),
                 len(self.llm_request_id),
+                self.returns,
                 *self.ack,
             ],
             dtype=_I64,
@@ -70,7 +79,9 @@ class StepOutput:
         head_bytes = HEADER * _I64.itemsize
         if len(buf) < head_bytes:
             raise MalformedStepOutput(f"step output of {len(buf)} bytes, shorter than its header")
-        n_in, n_ids, n_lps, n_text, n_finish, n_id, *ack = (int(v) for v in np.frombuffer(buf, _I64, HEADER))
+        n_in, n_ids, n_lps, n_text, n_finish, n_id, returns, *ack = (
+            int(v) for v in np.frombuffer(buf, _I64, HEADER)
+        )
         sizes = (n_ids * _I32.itemsize, n_lps * _F32.itemsize, n_text, n_finish, n_id)
         if min(sizes) < 0 or head_bytes + sum(sizes) != len(buf):
             raise MalformedStepOutput(f"step output header {sizes} does not fit its {len(buf)} bytes")
@@ -81,4 +92,4 @@ class StepOutput:
         at += sizes[1]
         text, at = buf[at : at + n_text], at + n_text
         finish, at = buf[at : at + n_finish], at + n_finish
-        return cls(text, ids, finish, n_in, lps, buf[at : at + n_id], tuple(ack))
+        return cls(text, ids, finish, n_in, lps, buf[at : at + n_id], returns, tuple(ack))

@@ -112,6 +112,7 @@ class TritonPythonModel:
                             update.token_ids,
                             update,
                             update.logprobs or [],
+                            req.returns,
                             ack,
                         )
                         _send(sender, response, update.finished)
@@ -121,7 +122,7 @@ class TritonPythonModel:
                         ids += out.token_ids
                         logprobs += out.logprobs or []
             if not req.options.stream:
-                _send(sender, _response(request_id, "".join(text), ids, last, logprobs), True)
+                _send(sender, _response(request_id, "".join(text), ids, last, logprobs, req.returns), True)
         except (RequestError, InvalidRequest) as e:
             _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         except EngineOverloadedError as e:
@@ -157,7 +158,7 @@ class _Undeliverable(Exception):
     """A response could not be sent: the request was cancelled or its client disconnected."""
 
 
-def _response(request_id, text, token_ids, out, logprobs, ack=NO_ACK):
+def _response(request_id, text, token_ids, out, logprobs, returns, ack=NO_ACK):
     finish = (out.finish_reason or "") if out is not None and out.finished else ""
     error = out.error if out is not None else None
     if error:
@@ -169,6 +170,7 @@ def _response(request_id, text, token_ids, out, logprobs, ack=NO_ACK):
         num_input_tokens=out.num_prompt_tokens if out else 0,
         log_probs=np.asarray([lp for lp in logprobs if lp is not None], dtype=np.float32),
         llm_request_id=request_id.encode(),
+        returns=returns,
         ack=ack,
     )
     return pb_utils.InferenceResponse([pb_utils.Tensor("step", step.to_array())])

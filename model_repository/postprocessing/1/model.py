@@ -26,7 +26,13 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from maverick.serving.response_window import Acknowledger  # noqa: E402
-from maverick.serving.step_output import MalformedStepOutput, StepOutput  # noqa: E402
+from maverick.serving.step_output import (  # noqa: E402
+    RETURN_LOG_PROBS,
+    RETURN_NUM_INPUT_TOKENS,
+    RETURN_NUM_OUTPUT_TOKENS,
+    MalformedStepOutput,
+    StepOutput,
+)
 
 
 class TritonPythonModel:
@@ -51,11 +57,17 @@ class TritonPythonModel:
             outputs = {  # TensorRT-LLM's names
                 "text_output": np.array([[step.text]], dtype=object),
                 "output_token_ids": step.token_ids.reshape(1, -1),
-                "finish_reason": np.array([[step.finish_reason]], dtype=object),
-                "num_input_tokens": np.array([[step.num_input_tokens]], dtype=np.int32),
-                "num_output_tokens": np.array([[step.token_ids.size]], dtype=np.int32),
-                "output_log_probs": step.log_probs.reshape(1, -1),
             }
+            # The rest only where it says something or was asked for: each tensor costs every
+            # streamed response a copy at each hop (the ensemble omits an output a step left out).
+            if step.finish_reason:
+                outputs["finish_reason"] = np.array([[step.finish_reason]], dtype=object)
+            if step.returns & RETURN_NUM_INPUT_TOKENS:
+                outputs["num_input_tokens"] = np.array([[step.num_input_tokens]], dtype=np.int32)
+            if step.returns & RETURN_NUM_OUTPUT_TOKENS:
+                outputs["num_output_tokens"] = np.array([[step.token_ids.size]], dtype=np.int32)
+            if step.returns & RETURN_LOG_PROBS:
+                outputs["output_log_probs"] = step.log_probs.reshape(1, -1)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
         return responses
 
