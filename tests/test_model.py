@@ -152,3 +152,25 @@ def test_concurrent_decode_in_one_batch(ours_fp32, text_prompt, image_prompt, re
             seq.append(int(lg[-1].argmax()))
     assert toks["t"] == ref_outputs["text"][1]
     assert toks["i"] == ref_outputs["image"][1]
+
+
+def test_rope_matches_the_complex_form():
+    """apply_rope's interleaved-table form rotates exactly as (a + ib)(cos + i sin) written out,
+    and as transformers' complex-number apply_rotary_emb (to rounding)."""
+    from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
+
+    from maverick.layers.rope import apply_rope, rope_cos_sin, rotation_tables
+
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([0, 1, 5, 31, 32, 1000, 70000])
+    x = torch.randn(len(positions), 6, 32, generator=g) * 3  # [T, heads, head_dim]
+    cos, sin = rope_cos_sin(positions, 32, 500000.0)  # [T, 16]
+    got = apply_rope(x, *rotation_tables(cos, sin))
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None], sin[:, None]
+    assert torch.equal(got, torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2))
+    freqs_cis = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[None]  # [1, T, 16]
+    want, _ = apply_rotary_emb(x[None], x[None], freqs_cis)
+    assert (got - want[0]).abs().max() <= 1e-5
+    bf16 = apply_rope(x.bfloat16(), *rotation_tables(cos, sin))
+    assert bf16.dtype == torch.bfloat16 and (bf16.float() - got).abs().max() <= 0.1

@@ -17,6 +17,7 @@ class MergedColumnLinear(nn.Linear):
         """parts: checkpoint module name -> its output rows (on this rank), in stacking order."""
         super().__init__(in_features, sum(parts.values()), bias=False, dtype=dtype)
         self.parts = dict(parts)
+        self.part_sizes = list(parts.values())
         set_tp_dim(self.weight, 0)
 
     def part_rows(self, name: str) -> slice:
@@ -29,4 +30,4 @@ class MergedColumnLinear(nn.Linear):
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """[.., sum(parts)] -> one tensor per part."""
-        return y.split(list(self.parts.values()), dim=-1)
+        return y.split_with_sizes(self.part_sizes, dim=-1)  # (Tensor.split is a Python wrapper)

@@ -29,7 +29,7 @@ from maverick.layers.mlp import MLP
 from maverick.layers.moe import MoE
 from maverick.layers.norm import RMSNorm
 from maverick.layers.parallel import set_tp_dim
-from maverick.layers.rope import apply_rope, attn_temperature, rope_cos_sin
+from maverick.layers.rope import PositionTables, apply_rope
 from maverick.models.vision import MultiModalProjector, VisionModel
 
 KVCache = tuple[
@@ -48,7 +48,6 @@ class TextAttention(nn.Module):
         # RoPE layers see only their own chunk; NoPE layers see everything, with temperature tuning.
         self.chunk_size = cfg.attention_chunk_size if self.use_rope else None
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
-        self.floor_scale, self.attn_scale = cfg.floor_scale, cfg.attn_scale
         H, D = cfg.hidden_size, cfg.head_dim
         # q, k, v in one GEMM (checkpoint: q_proj, k_proj, v_proj), column parallel
         self.qkv_proj = MergedColumnLinear(
@@ -62,22 +61,19 @@ class TextAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T]
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, head_dim // 2]
+        tables: PositionTables,  # RoPE and temperature of this step's positions
         meta: AttentionMetadata | DecodeMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x).view(T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q heads, then k heads, then v heads: q and k rotate as one tensor
-        qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
+        qk, v = qkv.split_with_sizes([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.use_rope:
-            qk = apply_rope(qk, *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = apply_rope(qk, tables.cos, tables.sin)
+        q, k = qk.split_with_sizes([self.num_heads, self.num_kv_heads], dim=1)
         if self.temperature_tuning:
-            q = (q * attn_temperature(positions, self.floor_scale, self.attn_scale)[:, None, None]).to(
-                q.dtype
-            )
+            q = (q * tables.q_scale).to(q.dtype)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         if isinstance(meta, DecodeMetadata):
@@ -109,8 +105,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, x, positions, rope, meta, kv_cache) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, rope, meta, kv_cache)
+    def forward(self, x, tables, meta, kv_cache) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), tables, meta, kv_cache)
         h_norm = self.post_attention_layernorm(h)
         if isinstance(self.feed_forward, MoE) and isinstance(meta, DecodeMetadata):
             # fixed-shape routed experts; padding rows are skipped
@@ -129,10 +125,10 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, embeds, positions, meta, kv_caches: list[KVCache]) -> torch.Tensor:
-        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        tables = PositionTables.build(positions, self.cfg)  # once per step, shared by all layers
         h = embeds
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, positions, rope, meta, kv_cache)
+            h = layer(h, tables, meta, kv_cache)
         return self.norm(h)
 
 

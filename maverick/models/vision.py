@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maverick.config import VisionConfig
-from maverick.layers.rope import apply_rope
+from maverick.layers.rope import apply_rope, rotation_tables
 
 # The reference builds every vision LayerNorm with PyTorch's default eps and ignores `norm_eps`.
 LAYER_NORM_EPS = 1e-5
@@ -173,7 +173,7 @@ class VisionModel(nn.Module):
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].device != device:
-            self._rope = vision_rope_cos_sin(self.cfg, device)
+            self._rope = rotation_tables(*vision_rope_cos_sin(self.cfg, device))
         return self._rope
 
     def forward(self, pixel_values: torch.Tensor, max_tiles_per_batch: int | None = None) -> torch.Tensor:
