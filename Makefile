@@ -13,13 +13,15 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 ENGINE_ARGS ?=
 TRACE_FILE ?=
+SERVING_NICE ?= 10
 
 .DEFAULT_GOAL := help
 .PHONY: help venv tiny-model serve stop test lint format gpu-check bench loadtest clean
 
 help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
-	@echo "                 (ENGINE_ARGS=\"key=value ...\", TRACE_FILE=path: Triton's per-request trace)"
+	@echo "                 (ENGINE_ARGS=\"key=value ...\", TRACE_FILE=path: Triton's per-request trace,"
+	@echo "                 SERVING_NICE=0..19: the stubs' niceness above the engine process, default 10)"
 	@echo "make stop        stop it"
 	@echo "make test        lint + the whole test suite (CPU)"
 	@echo "make tiny-model  build the embedded default checkpoint into $(MODEL_DIR)"
@@ -46,7 +48,7 @@ tiny-model: $(DEFAULT_MODEL)/config.json
 serve: venv $(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),tiny-model)
 	$(PY) -m server.launch --model-dir $(MODEL_DIR) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--metrics-port $(METRICS_PORT) $(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS)) \
-		$(if $(TRACE_FILE),--trace-file $(TRACE_FILE))
+		$(if $(TRACE_FILE),--trace-file $(TRACE_FILE)) --serving-nice $(SERVING_NICE)
 
 stop:
 	-pkill -INT -f "[t]ritonserver --model-repository=$(CURDIR)/build/model_repository"

@@ -1,13 +1,15 @@
 """Start a real `tritonserver` on the model repository (what `make serve` runs).
 
     python -m server.launch [--model-dir DIR] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
-                            [--engine key=value ...] [--trace-file FILE]
+                            [--engine key=value ...] [--trace-file FILE] [--serving-nice N]
 
 Finds the server: the NGC container's `/opt/tritonserver`, else the one the `nvidia-pytriton`
 wheel carries (Triton 2.51), whose Python backend gets the stub built for the running Python.
 Renders the repository into `build/model_repository` with the checkpoint folder and engine
 settings written into the models' parameters (absolute paths), lets the stub see this Python's
-packages (MAVERICK_SITE_PACKAGES), and runs the server in the foreground.
+packages (MAVERICK_SITE_PACKAGES), tells the stubs how far to step below the engine process in
+priority (MAVERICK_SERVING_NICE, see maverick/serving/priority.py), and runs the server in the
+foreground.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from maverick.serving.priority import ENV as SERVING_NICE_ENV
+from maverick.serving.priority import MAX_NICE, SERVING_NICE
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
@@ -50,6 +55,7 @@ class ServeConfig:
     build_dir: Path = ROOT / "build"
     log_verbose: int = 0
     trace_file: Path | None = None  # Triton traces every request's timestamps here (written at exit)
+    serving_nice: int = SERVING_NICE  # the stubs' niceness above the engine process (0: equal)
 
 
 def free_ports(n: int) -> list[int]:
@@ -154,6 +160,7 @@ def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
             "--trace-config=log-frequency=0",
         ]
     env = dict(os.environ)
+    env[SERVING_NICE_ENV] = str(cfg.serving_nice)
     env["MAVERICK_SITE_PACKAGES"] = os.pathsep.join(
         dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     )
@@ -238,6 +245,15 @@ def main() -> None:
         help="trace every request's timestamps into this file, written when the server stops "
         "(read it with `python -m loadtest.trace`)",
     )
+    ap.add_argument(
+        "--serving-nice",
+        type=int,
+        choices=range(MAX_NICE + 1),
+        metavar=f"0..{MAX_NICE}",
+        default=SERVING_NICE,
+        help="how many niceness steps the Python backend stubs run below the engine process, so "
+        "that on a busy machine the engine loop is not the one that waits (0: equal)",
+    )
     args = ap.parse_args()
     if not (args.model_dir / "config.json").is_file():
         sys.exit(
@@ -252,6 +268,7 @@ def main() -> None:
         dict(args.engine),
         log_verbose=args.log_verbose,
         trace_file=args.trace_file,
+        serving_nice=args.serving_nice,
     )
     cmd, env = server_command(cfg)
     print(

@@ -332,3 +332,25 @@ def test_optional_outputs_are_sent_only_when_asked(triton):
     assert events and sum(e["num_output_tokens"] for e in events) == 6
     assert not any("num_input_tokens" in e or "output_log_probs" in e for e in events)
     assert [("finish_reason" in e) for e in events] == [False] * (len(events) - 1) + [True]
+
+
+def test_the_stubs_run_below_the_engine_in_priority(triton):
+    """Every thread of every Python backend stub is SERVING_NICE steps below tritonserver; the
+    engine process (started by the `maverick` stub before it stepped down) is not."""
+    import os
+
+    import psutil
+
+    from maverick.serving.priority import MAX_NICE, SERVING_NICE
+
+    server = psutil.Process(triton.proc.pid)
+    family = server.children(recursive=True)
+    stubs = [p for p in family if "triton_python_backend_stub" in " ".join(p.cmdline())]
+    engines = [p for p in family if "maverick.engine.engine_core" in " ".join(p.cmdline())]
+    assert len(stubs) == 3 and len(engines) == 1  # preprocessing, maverick, postprocessing
+    base = server.nice()
+    for stub in stubs:
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in stub.threads()} == {
+            min(MAX_NICE, base + SERVING_NICE)
+        }
+    assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in engines[0].threads()} == {base}

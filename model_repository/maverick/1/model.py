@@ -29,6 +29,7 @@ from maverick.engine.engine_client import EngineClient  # noqa: E402
 from maverick.engine.llm_engine import RequestError  # noqa: E402
 from maverick.serving.engine_args import engine_config  # noqa: E402
 from maverick.serving.model_dir import project_root  # noqa: E402
+from maverick.serving.priority import yield_to_engine  # noqa: E402
 from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors  # noqa: E402
 from maverick.serving.response_window import NO_ACK, AckBoard  # noqa: E402
 from maverick.serving.step_output import StepOutput  # noqa: E402
@@ -46,6 +47,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
         device_id = int(args.get("model_instance_device_id") or 0)
         self.engine = EngineClient(engine_config(params, project_root(args["model_repository"]), device_id))
+        # the engine process keeps the priority it started with; this relay steps below it
+        yield_to_engine()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(
             target=self.loop.run_forever, name="maverick-requests", daemon=True

@@ -25,6 +25,7 @@ import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from maverick.serving.priority import yield_to_engine  # noqa: E402
 from maverick.serving.response_window import Acknowledger  # noqa: E402
 from maverick.serving.step_output import (  # noqa: E402
     RETURN_LOG_PROBS,
@@ -37,6 +38,7 @@ from maverick.serving.step_output import (  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
+        yield_to_engine()  # per-response work waits for the engine loop, not the reverse
         self.acknowledge = Acknowledger()
 
     def execute(self, requests):

@@ -11,12 +11,14 @@ import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from maverick.serving.model_dir import generation_defaults, resolve_model_dir  # noqa: E402
+from maverick.serving.priority import yield_to_engine  # noqa: E402
 from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_request, to_tensors  # noqa: E402
 from maverick.tokenizer import Tokenizer  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        yield_to_engine()  # per-response work waits for the engine loop, not the reverse
         config = json.loads(args["model_config"])
         model_dir = resolve_model_dir(config, args["model_repository"])
         self.tokenizer = Tokenizer.from_dir(model_dir)
