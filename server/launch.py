@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maverick.serving.priority import ENV as SERVING_NICE_ENV
-from maverick.serving.priority import MAX_NICE, SERVING_NICE
+from maverick.serving.priority import MAX_NICE, SERVING_NICE, parse_serving_nice
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
@@ -228,6 +228,13 @@ def _engine_arg(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _serving_nice_arg(text: str) -> int:
+    try:
+        return parse_serving_nice(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", type=Path, default=ServeConfig.model_dir)
@@ -247,8 +254,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--serving-nice",
-        type=int,
-        choices=range(MAX_NICE + 1),
+        type=_serving_nice_arg,
         metavar=f"0..{MAX_NICE}",
         default=SERVING_NICE,
         help="how many niceness steps the Python backend stubs run below the engine process, so "

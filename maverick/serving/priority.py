@@ -29,15 +29,22 @@ ENV = "MAVERICK_SERVING_NICE"
 MAX_NICE = 19
 
 
-def serving_nice() -> int:
-    raw = os.environ.get(ENV, str(SERVING_NICE))
+def parse_serving_nice(raw: str) -> int:
+    """A niceness step count as given (environment, command line): 0..MAX_NICE, 0 = off."""
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{ENV}={raw!r}: expected a whole number of niceness steps (0 = off)") from None
+        raise ValueError(f"{raw!r}: expected a whole number of niceness steps (0 = off)") from None
     if not 0 <= value <= MAX_NICE:
-        raise ValueError(f"{ENV}={value}: expected 0..{MAX_NICE}")
+        raise ValueError(f"{value}: expected 0..{MAX_NICE} niceness steps")
     return value
+
+
+def serving_nice() -> int:
+    try:
+        return parse_serving_nice(os.environ.get(ENV, str(SERVING_NICE)))
+    except ValueError as e:
+        raise ValueError(f"{ENV}={e}") from None
 
 
 def _threads() -> list[int]:
@@ -52,9 +59,9 @@ def yield_to_engine(steps: int | None = None) -> int:
     thread, from the niceness this thread has now. Returns the new niceness."""
     steps = serving_nice() if steps is None else steps
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    target = min(MAX_NICE, base + steps)
     if steps == 0:
         return base
+    target = min(MAX_NICE, base + steps)
     for tid in _threads():
         try:
             if os.getpriority(os.PRIO_PROCESS, tid) < target:

@@ -95,6 +95,9 @@ class ResponseWindow:
     """One request's streamed responses: `offer` each engine update, send what it returns."""
 
     def __init__(self, board: AckBoard, slot: int, generation: int, limit: int):
+        from maverick.engine.output_streams import merge  # engine types; postprocessing never offers
+
+        self._merge = merge
         self.board, self.slot, self.generation, self.limit = board, slot, generation, limit
         self.sent = 0
         self._held = None  # updates not sent yet, merged (a RequestOutput)
@@ -107,9 +110,7 @@ class ResponseWindow:
         update held so far merged with this one, its ack), or None while
         `limit` responses are unacknowledged (out is held). The last update always leaves.
         The ack is (board id, slot, value) for the response's StepOutput."""
-        from maverick.engine.output_streams import merge  # engine types; postprocessing never offers
-
-        self._held = out if self._held is None else merge(self._held, out)
+        self._held = out if self._held is None else self._merge(self._held, out)
         if not out.finished and self.in_flight() >= self.limit:
             return None
         update, self._held = self._held, None

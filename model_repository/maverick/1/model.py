@@ -98,6 +98,7 @@ class TritonPythonModel:
         # wait here, merged (maverick/serving/response_window.py)
         window = self.acks.window() if req.options.stream and req.options.flow_control else None
         text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
+        returns = req.returns  # the optional public outputs asked for, once per request
         try:
             stream = self.engine.generate(request_id, req.prompt, req.params)
             async with contextlib.aclosing(stream):
@@ -115,7 +116,7 @@ class TritonPythonModel:
                             update.token_ids,
                             update,
                             update.logprobs or [],
-                            req.returns,
+                            returns,
                             ack,
                         )
                         _send(sender, response, update.finished)
@@ -125,7 +126,7 @@ class TritonPythonModel:
                         ids += out.token_ids
                         logprobs += out.logprobs or []
             if not req.options.stream:
-                _send(sender, _response(request_id, "".join(text), ids, last, logprobs, req.returns), True)
+                _send(sender, _response(request_id, "".join(text), ids, last, logprobs, returns), True)
         except (RequestError, InvalidRequest) as e:
             _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
         except EngineOverloadedError as e:
