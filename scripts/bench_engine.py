@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/bench_engine.py [--model-dir models/tiny-maverick] [--quick]
 
+Both sides run on the GPU where there is one (`--device`), the engine's decode steps then replayed
+from CUDA graphs (`--decode-path`, default auto: as the server runs them).
+
 For each concurrency level c, both sides serve the same list of requests (seeded: chat prompts of
 mixed lengths, mixed output lengths, greedy) as a closed loop of c clients, each sending its next
 request as soon as its previous one has come back:
@@ -173,6 +176,8 @@ class StepTimes:
         self.times: list[float] = []
 
     def put(self, value) -> None:
+        if value.is_cuda:  # stamp when the step's tokens exist, not when its kernels were queued
+            torch.cuda.synchronize(value.device)
         if self.seen_prompt:
             self.times.append(time.monotonic())
         self.seen_prompt = True
@@ -211,8 +216,8 @@ def run_transformers(model, reqs: list[Request], c: int, pad_id: int) -> tuple[l
         streamer = streamer_cls()
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
                 do_sample=False,
                 max_new_tokens=steps,
                 min_new_tokens=steps,
@@ -290,6 +295,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="dequant",
         help="engine's routed experts; dequant is transformers' math (needed for identical tokens)",
     )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="both sides run here (cpu, cuda, cuda:1, ...; default: the GPU if there is one)",
+    )
+    p.add_argument(
+        "--decode-path",
+        choices=["auto", "reference", "static", "cuda_graph"],
+        default="auto",
+        help="the engine's pure-decode steps (EngineConfig.decode_path; static and cuda_graph need CUDA)",
+    )
     p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (sdpa, eager)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument(
@@ -335,10 +351,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"loading engine and transformers ({args.dtype}) from {args.model_dir}", flush=True)
     engine = LLMEngine(
         EngineConfig(
-            model_dir=args.model_dir, dtype=args.dtype, experts=args.experts, max_num_seqs=max(args.levels)
+            model_dir=args.model_dir,
+            dtype=args.dtype,
+            device=args.device,
+            experts=args.experts,
+            max_num_seqs=max(args.levels),
+            decode_path=args.decode_path,
         )
     )
     ref = cast_floats(load_reference(args.model_dir, attn_implementation=args.hf_attn), args.dtype)
+    ref = ref.to(args.device)
 
     # Warm-up: first calls allocate, pick kernels and fill caches; neither side is timed on them.
     warm = make_workload(tok, args.seed + 1, [2], (40, 80), (4, 4))[0][0]
@@ -356,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             "greedy": True,
         },
         "engine_config": asdict(engine.config),
+        "engine_decode_path": engine.runner.decode_path,  # what "auto" chose
         "levels": [],
     }
     runners = {

@@ -79,8 +79,10 @@ def machine_info(args, threads: int) -> dict:
         commit = ""
     import transformers
 
+    device = torch.device(args.device)
     return {
         "cpu": cpu,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": threads,

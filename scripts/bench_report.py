@@ -12,12 +12,18 @@ def ms(x: float | None) -> str:
     return "—" if x is None else f"{x * 1000:.1f}"
 
 
+def _device(result: dict) -> str:
+    """The GPU and the engine's decode path, where the run was on one (older results lack them)."""
+    device = result["machine"].get("device", "cpu")
+    return "" if device == "cpu" else f"{device} (engine decode path {result['engine_decode_path']}); "
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         "# Engine vs transformers `generate` (same checkpoint, same workload, one process)",
         "",
-        f"{m['cpu']}, {m['cpus_usable']} usable cores, {m['torch_threads']} torch threads; "
+        f"{_device(result)}{m['cpu']}, {m['cpus_usable']} usable cores, {m['torch_threads']} torch threads; "
         f"torch {m['torch']}, transformers {m['transformers']}; {m['dtype']}, experts {m['experts']}, "
         f"transformers attention {m['hf_attn_implementation']}; git {m['git']}",
         "",

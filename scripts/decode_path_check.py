@@ -9,6 +9,9 @@ path and times, written into the report's "decode_path" section.
   a CUDA-graph replay vs the same forward run eagerly, and the engine's greedy tokens with
   decode_path "cuda_graph" vs "reference" (tests/fixed_shape_decode.py does the work, as it does
   for tests/test_static_decode.py on the CPU);
+- decode steps at batch 1, 8, 32, 64 over a random KV cache against an fp32 oracle: the fixed-shape
+  path in fp32 (to rounding), and both paths in bf16 (so the fixed-shape path's distance reads
+  against the bf16 reference path's own);
 - decode-step times at batch 1, 8, 32, 64: reference path, fixed-shape path eagerly, CUDA graph.
 
 Errors are max |got - ref| / max |ref|. Times are medians from torch.utils.benchmark (CUDA-synced).
@@ -171,45 +174,100 @@ def check_forward_and_engine(model_dir: str, device: torch.device, out: dict) ->
         print(f"engine greedy tokens, cuda_graph vs reference, {name}: {row}")
 
 
-def time_decode_steps(model_dir: str, device: torch.device, out: dict) -> None:
-    """B sequences with 200 tokens of context each, bf16 (FP8 experts where supported)."""
-    model = load_model(model_dir, dtype=torch.bfloat16, device=device)
-    bs, ctx, max_b = 16, 200, 64
+DECODE_BS, DECODE_CTX, DECODE_MAX_B = 16, 200, 64  # block size, context per sequence, largest batch
+DECODE_BATCHES = (1, 8, 32, 64)
+
+
+def _decode_batch(B: int, device: torch.device, g: torch.Generator) -> tuple[DecodeBatch, dict]:
+    """B sequences with DECODE_CTX tokens of context each, in disjoint blocks; the batch for
+    CudaGraphRunner.run, and the same on the device for the reference forward."""
+    bs, ctx = DECODE_BS, DECODE_CTX
     per_seq = -(-(ctx + 1) // bs)
-    num_blocks = max_b * per_seq
-    kv = model.allocate_kv_caches(num_blocks + 1, bs)
-    for k, v in kv:
-        k.normal_()
-        v.normal_()
-    common = dict(max_batch_size=max_b, max_blocks_per_seq=per_seq, scratch_slot=num_blocks * bs)
+    tables = torch.arange(B * per_seq, dtype=torch.int32).view(B, per_seq)
+    pos = torch.full((B,), ctx, dtype=torch.long)
+    batch = DecodeBatch(
+        input_ids=torch.randint(0, 2000, (B,), generator=g).numpy(),
+        positions=pos.numpy(),
+        slot_mapping=(tables[:, ctx // bs].long() * bs + ctx % bs).numpy(),
+        block_tables=tables.numpy(),
+        seq_lens=(pos + 1).int().numpy(),
+    )
+    on_device = {
+        "ids": torch.from_numpy(batch.input_ids).to(device),
+        "positions": pos.to(device),
+        "slots": torch.from_numpy(batch.slot_mapping).to(device),
+        "tables": tables.to(device),
+    }
+    return batch, on_device
+
+
+def _reference_step(model, kv, d: dict, B: int) -> torch.Tensor:
+    meta = AttentionMetadata(d["slots"], d["tables"], [1] * B, [DECODE_CTX + 1] * B, DECODE_BS)  # per step
+    return model.compute_logits(model(d["ids"], d["positions"], meta, kv))
+
+
+def _decode_setup(model, kv_source: list | None = None):
+    """(kv caches, CudaGraphRunner kwargs) for DECODE_MAX_B sequences; the caches random, or a copy
+    (cast to the model's dtype) of kv_source."""
+    per_seq = -(-(DECODE_CTX + 1) // DECODE_BS)
+    num_blocks = DECODE_MAX_B * per_seq
+    kv = model.allocate_kv_caches(num_blocks + 1, DECODE_BS)
+    for i, (k, v) in enumerate(kv):
+        if kv_source is None:
+            k.normal_()
+            v.normal_()
+        else:
+            k.copy_(kv_source[i][0])
+            v.copy_(kv_source[i][1])
+    common = dict(
+        max_batch_size=DECODE_MAX_B, max_blocks_per_seq=per_seq, scratch_slot=num_blocks * DECODE_BS
+    )
+    return kv, common
+
+
+def check_decode_steps(model_dir: str, device: torch.device, out: dict) -> None:
+    """Decode steps at batch 1..64 over a random KV cache against an fp32 oracle (the reference
+    path, fp32, dequantised experts): the fixed-shape path in fp32 must match it to rounding; in
+    bf16 (FP8 experts where supported) both paths are compared with it, so the fixed-shape path's
+    distance can be read against the bf16 reference path's own."""
+    oracle = load_model(model_dir, dtype=torch.float32, device=device, experts="dequant")
+    kv32, common = _decode_setup(oracle)
+    runs = {"fp32 dequant": (oracle, kv32)}
+    low = load_model(model_dir, dtype=torch.bfloat16, device=device)
+    runs[f"bf16 {'fp8' if low.fp8_experts else 'bf16'} experts"] = (low, _decode_setup(low, kv32)[0])
+    g = torch.Generator().manual_seed(3)
+    for B in DECODE_BATCHES:
+        batch, d = _decode_batch(B, device, g)
+        exact = _reference_step(oracle, kv32, d, B).float()
+        for name, (model, kv) in runs.items():
+            static = CudaGraphRunner(model, kv, use_graphs=False, **common).run(batch).float()
+            ref = _reference_step(model, kv, d, B).float()
+            row = {"batch": B, "model": name}
+            row["static_vs_fp32_rel_err"] = _rel_err(static, exact)
+            row["reference_vs_fp32_rel_err"] = _rel_err(ref, exact)
+            row["static_top1_vs_fp32"] = (static.argmax(-1) == exact.argmax(-1)).float().mean().item()
+            row["reference_top1_vs_fp32"] = (ref.argmax(-1) == exact.argmax(-1)).float().mean().item()
+            out["decode_step_accuracy"].append(row)
+            print(f"decode step accuracy {row}")
+
+
+def time_decode_steps(model_dir: str, device: torch.device, out: dict) -> None:
+    """Decode-step times at batch 1..64, bf16 (FP8 experts where supported): reference path, the
+    fixed-shape path eagerly, and CUDA-graph replay (which must equal the eager run bit for bit)."""
+    model = load_model(model_dir, dtype=torch.bfloat16, device=device)
+    kv, common = _decode_setup(model)
     t0 = time.perf_counter()
     graphs = CudaGraphRunner(model, kv, use_graphs=True, **common)
     out["graph_capture_s"] = time.perf_counter() - t0
     out["buckets"] = graphs.buckets
     eager = CudaGraphRunner(model, kv, use_graphs=False, **common)
     g = torch.Generator().manual_seed(2)
-    for B in (1, 8, 32, 64):
-        tables = torch.arange(B * per_seq, dtype=torch.int32).view(B, per_seq)
-        pos = torch.full((B,), ctx, dtype=torch.long)
-        batch = DecodeBatch(
-            input_ids=torch.randint(0, 2000, (B,), generator=g).numpy(),
-            positions=pos.numpy(),
-            slot_mapping=(tables[:, ctx // bs].long() * bs + ctx % bs).numpy(),
-            block_tables=tables.numpy(),
-            seq_lens=(pos + 1).int().numpy(),
-        )
-        ids, positions = torch.from_numpy(batch.input_ids).to(device), pos.to(device)
-        slots, tables_d = torch.from_numpy(batch.slot_mapping).to(device), tables.to(device)
-
-        def reference(ids=ids, positions=positions, slots=slots, tables_d=tables_d, B=B):
-            meta = AttentionMetadata(slots, tables_d, [1] * B, [ctx + 1] * B, bs)  # planned per step
-            return model.compute_logits(model(ids, positions, meta, kv))
-
+    for B in DECODE_BATCHES:
+        batch, d = _decode_batch(B, device, g)
         row = {
             "batch": B,
             "graph_vs_eager_max_abs": (graphs.run(batch) - eager.run(batch)).abs().max().item(),
-            "static_vs_reference_rel_err": _rel_err(eager.run(batch), reference()),
-            "reference_ms": 1e-3 * _us(reference),
+            "reference_ms": 1e-3 * _us(lambda d=d, B=B: _reference_step(model, kv, d, B)),
             "static_eager_ms": 1e-3 * _us(lambda batch=batch: eager.run(batch)),
             "cuda_graph_ms": 1e-3 * _us(lambda batch=batch: graphs.run(batch)),
         }
@@ -224,7 +282,7 @@ def check_decode_path(model_dir: str, device: torch.device, report: dict) -> Non
         report["decode_path"] = {"skipped": reason}
         return
     out: dict = {"attention": [], "fused_moe": {"vs_oracle": [], "maverick_tp8": []}, "forward": {}}
-    out.update(engine_greedy={}, decode_step=[])
+    out.update(engine_greedy={}, decode_step_accuracy=[], decode_step=[])
     report["decode_path"] = out
     if device.type != "cuda":
         print("kernel checks at Maverick's shapes and timings: skipped (need CUDA)")
@@ -233,4 +291,5 @@ def check_decode_path(model_dir: str, device: torch.device, report: dict) -> Non
         check_fused_moe(device, out["fused_moe"])
     check_forward_and_engine(model_dir, device, out)
     if device.type == "cuda":
+        check_decode_steps(model_dir, device, out)
         time_decode_steps(model_dir, device, out)

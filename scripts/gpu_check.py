@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -123,13 +124,26 @@ def main() -> None:
         "fp8_linear": {},
     }
     print(f"device: {report['device']}, torch {report['torch']}")
-    compare_models(args.model_dir, device, report)
+    sections = [("models", lambda: compare_models(args.model_dir, device, report))]
     if fp8_supported(device):
-        bench_fp8_linear(device, report)
-    check_decode_path(args.model_dir, device, report)
+        sections.append(("fp8_linear", lambda: bench_fp8_linear(device, report)))
+    sections.append(("decode_path", lambda: check_decode_path(args.model_dir, device, report)))
+    # One GPU session is short: a section that raises is recorded and the others still run.
+    failed = report["failed_sections"] = {}
+    for name, run in sections:
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001 - reported below, and the exit code says so
+            traceback.print_exc()
+            failed[name] = f"{type(exc).__name__}: {exc}"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"failed sections: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

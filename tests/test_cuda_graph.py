@@ -114,9 +114,16 @@ def test_cuda_graphs_need_cuda():
         )
 
 
-def test_model_runner_decode_path_on_the_cpu(ours_fp32):
+def test_model_runner_decode_path_on_the_cpu(ours_fp32, caplog):
     runner = ModelRunner(ours_fp32, num_blocks=8, block_size=16, decode_path="cuda_graph")
-    assert runner.decode_runner is None  # no CUDA: every step on the reference path
+    assert runner.decode_runner is None and runner.decode_path == "reference"  # no CUDA
+    assert "needs CUDA" in caplog.text
+    caplog.clear()
+    # the default: CUDA graphs on CUDA only, also where the interpreter could run the kernels; quietly
+    runner = ModelRunner(ours_fp32, num_blocks=8, block_size=16)
+    assert runner.decode_runner is None and runner.decode_path == "reference"
+    assert EngineConfig(model_dir="unused").decode_path == "auto"
+    assert caplog.text == ""
     assert runner.kv_caches[0][0].shape[0] == 9 and runner.scratch_slot == 8 * 16  # + the scratch block
     if not kernels_run_on(torch.device("cpu")):
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):

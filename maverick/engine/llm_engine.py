@@ -65,11 +65,12 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     # Pure-decode steps: "reference" (host-planned attention, grouped MoE, like prefill), "static"
-    # (fixed shapes through Triton kernels, eagerly; needs CUDA, or TRITON_INTERPRET=1 on the CPU) or
+    # (fixed shapes through Triton kernels, eagerly; needs CUDA, or TRITON_INTERPRET=1 on the CPU),
     # "cuda_graph" (the same, replayed from CUDA graphs per batch-size bucket; the reference path off
-    # CUDA). "reference" by default until the fixed-shape path is validated on a GPU: that is what
-    # scripts/gpu_check.py checks.
-    decode_path: DecodePath = "reference"
+    # CUDA) or "auto": "cuda_graph" on CUDA where the kernels run, else "reference" (validated on an
+    # H200 by scripts/gpu_check.py: graph replay bit-equal to the eager fixed-shape forward, fp32
+    # decode steps to rounding of the reference path, the engine's greedy tokens equal).
+    decode_path: DecodePath = "auto"
     # torch's intra-op threads for this process (CPU compute); None: torch's default, one per core.
     # Behind Triton on the CPU, fewer than the cores: the server, the other models and the clients
     # need cores too, and a parallel region whose threads are descheduled waits for the slowest.

@@ -11,6 +11,7 @@ Two paths, chosen per step by `decode_path`:
   `max_num_seqs` sequences runs in fixed shapes through `CudaGraphRunner` (eagerly, or replayed
   from CUDA graphs); prefill and mixed steps take the reference path. "cuda_graph" off CUDA falls
   back to the reference path; "static" needs the Triton kernels to run (CUDA, or the interpreter).
+- "auto" (the default): "cuda_graph" on CUDA where the kernels can run, else "reference".
 The cache has one block more than the block manager hands out: the scratch block where the padding
 rows of a fixed-shape batch write their K/V.
 """
@@ -32,7 +33,7 @@ from maverick.models.llama4 import Llama4Model
 
 log = logging.getLogger(__name__)
 
-DecodePath = Literal["reference", "static", "cuda_graph"]
+DecodePath = Literal["auto", "reference", "static", "cuda_graph"]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype | None = None,
         *,
-        decode_path: DecodePath = "reference",
+        decode_path: DecodePath = "auto",
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
     ):
@@ -65,27 +66,47 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_caches(num_blocks + 1, block_size, kv_dtype)
         self.scratch_slot = num_blocks * block_size
         max_len = max_model_len or model.config.text.max_position_embeddings
-        self.decode_runner = self._decode_runner(decode_path, max_num_seqs, -(-max_len // block_size))
+        self.decode_path = self._resolve(decode_path)  # what pure-decode steps take: never "auto"
+        self.decode_runner = self._decode_runner(self.decode_path, max_num_seqs, -(-max_len // block_size))
         self.num_reference_steps = 0
         self.num_fixed_shape_steps = 0
 
-    def _decode_runner(self, path: DecodePath, max_num_seqs: int, max_blocks: int) -> CudaGraphRunner | None:
-        if path == "reference":
-            return None
-        if path == "cuda_graph" and self.device.type != "cuda":
-            log.warning("decode_path 'cuda_graph' needs CUDA: %s decodes on the reference path", self.device)
-            return None
+    def _fixed_shape_unsupported(self) -> str | None:
+        """Why the fixed-shape kernels cannot run this model and cache here, or None."""
         if not kernels_run_on(self.device):
-            raise ValueError(
-                f"decode_path {path!r} runs Triton kernels: it needs triton and a CUDA device "
+            return (
+                "it runs Triton kernels: it needs triton and a CUDA device "
                 f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
             )
         head_dim = self.model.config.text.head_dim
         if self.block_size & (self.block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
-            raise ValueError(
-                f"decode_path {path!r} needs a power-of-two block_size and head_dim >= 16 "
-                f"(got {self.block_size}, {head_dim})"
+            return (
+                f"it needs a power-of-two block_size and head_dim >= 16 (got {self.block_size}, {head_dim})"
             )
+        return None
+
+    def _resolve(self, path: DecodePath) -> DecodePath:
+        if path == "auto":
+            if self.device.type != "cuda":
+                return "reference"
+            why_not = self._fixed_shape_unsupported()
+            if why_not:
+                log.warning(
+                    "decode_path 'auto': decoding on the reference path, not CUDA graphs: %s", why_not
+                )
+                return "reference"
+            return "cuda_graph"
+        if path == "cuda_graph" and self.device.type != "cuda":
+            log.warning("decode_path 'cuda_graph' needs CUDA: %s decodes on the reference path", self.device)
+            return "reference"
+        return path
+
+    def _decode_runner(self, path: DecodePath, max_num_seqs: int, max_blocks: int) -> CudaGraphRunner | None:
+        if path == "reference":
+            return None
+        why_not = self._fixed_shape_unsupported()
+        if why_not:
+            raise ValueError(f"decode_path {path!r}: {why_not}")
         return CudaGraphRunner(
             self.model,
             self.kv_caches,
