@@ -42,6 +42,7 @@ import psutil
 
 from loadtest import report
 from loadtest.__main__ import _cpu_name, seconds
+from server.launch import engine_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("preprocessing", "maverick", "postprocessing")
@@ -164,7 +165,7 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
     http, grpc, metrics = free_ports(3)
     build = out / "server"  # not build/: a `make serve` may be running from there
     build.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(args.model_dir, http, grpc, metrics, build_dir=build)
+    cfg = ServeConfig(args.model_dir, http, grpc, metrics, dict(args.engine), build_dir=build)
     print(f"starting tritonserver on {args.model_dir} (HTTP {http}, gRPC {grpc})", flush=True)
     server = RunningServer(cfg, cfg.build_dir / "server.log")
     args.sampler.roots = [server.proc.pid]
@@ -189,7 +190,7 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
         # cost is, read off the same workload with a quarter of the responses.
         name = f"triton grpc stream_interval={STREAM_INTERVAL}"
         path = out / f"triton-grpc-interval{STREAM_INTERVAL}-{top}"
-        setting = {"stream_interval": str(STREAM_INTERVAL)}
+        setting = {**dict(args.engine), "stream_interval": str(STREAM_INTERVAL)}
         rcs[name], rcs["tritonserver (interval)"] = serve_and_load(
             args, setting, top, path, out / "server-interval"
         )
@@ -200,6 +201,8 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
            "--workload-file", str(out / "triton-grpc" / "workload.json"), "--levels", levels,
            "--duration", str(args.duration), "--warmup", str(args.warmup),
            "--model-dir", str(args.model_dir), "--out", str(direct)]  # fmt: skip
+    if args.engine:
+        cmd += ["--engine", *(f"{k}={v}" for k, v in args.engine)]
     rcs["engine direct"] = run(cmd, direct / "run.log")
     return {**{n: p for n, (p, _) in runs.items()}, "engine direct": direct}, rcs
 
@@ -213,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-maverick")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "record")
     ap.add_argument("--no-diagnostics", dest="diagnostics", action="store_false")
+    ap.add_argument(
+        "--engine",
+        type=engine_arg,
+        nargs="*",
+        default=[],
+        help="engine settings (key=value) for both sides: the served model's and the direct engine's",
+    )
     ap.add_argument(
         "--client-nice",
         type=int,
@@ -256,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             top_pairs.append({"triton": t["output_tokens_per_s"], "direct": d["output_tokens_per_s"]})
     record = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "gpu": _gpu_name(),
+            "python": platform.python_version(),
+        },
+        "engine": dict(args.engine),
         "git": _git(),
         "levels": levels,
         "level_time_s": args.duration,
@@ -282,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def _git() -> str:
     try:
         rev = subprocess.run(
@@ -297,12 +319,18 @@ def _by_level(summary: dict) -> dict[int, dict]:
     return {lv["level"]: lv for lv in summary["levels"]}
 
 
+def _settings(rec: dict) -> str:
+    engine = rec.get("engine") or {}
+    return (" with " + " ".join(f"{k}={v}" for k, v in engine.items())) if engine else ""
+
+
 def record_markdown(rec: dict) -> str:
     tri, dire = _by_level(rec["summaries"]["triton grpc"]), _by_level(rec["summaries"]["engine direct"])
-    w = rec["workload"]
+    w, m = rec["workload"], rec["machine"]
     lines = [
-        f"{rec['machine']['cpu']}, {rec['machine']['cores']} cores, CPU only; {rec['date']}, "
-        f"git {rec['git']}. Embedded tiny checkpoint, served config (float32). Workload `{w['preset']}`: "
+        f"{m['cpu']}, {m['cores']} cores, {m.get('gpu') or 'CPU only'}; "
+        f"{rec['date']}, git {rec['git']}. Embedded tiny checkpoint, served config{_settings(rec)}. "
+        f"Workload `{w['preset']}`: "
         f"input {w['input_len']} tokens, output {w['output_len']} tokens (ignore_eos), temperature "
         f"{w['temperature']}; closed loop, each level held {rec['level_time_s']:g} s, the first "
         f"{rec['warmup_s']:g} s not measured. "

@@ -7,9 +7,9 @@ Finds the server: the NGC container's `/opt/tritonserver`, else the one the `nvi
 wheel carries (Triton 2.51), whose Python backend gets the stub built for the running Python.
 Renders the repository into `build/model_repository` with the checkpoint folder and engine
 settings written into the models' parameters (absolute paths), lets the stub see this Python's
-packages (MAVERICK_SITE_PACKAGES), tells the stubs how far to step below the engine process in
-priority (MAVERICK_SERVING_NICE, see maverick/serving/priority.py), and runs the server in the
-foreground.
+packages, PYTHONPATH first (MAVERICK_SITE_PACKAGES), tells the stubs how far to step below the
+engine process in priority (MAVERICK_SERVING_NICE, see maverick/serving/priority.py), and runs the
+server in the foreground.
 """
 
 from __future__ import annotations
@@ -132,6 +132,15 @@ def render_repository(cfg: ServeConfig) -> Path:
     return out
 
 
+def stub_package_dirs(env: dict[str, str]) -> str:
+    """What the stubs should import from, in the order this Python sees it: PYTHONPATH's folders,
+    then this Python's site-packages. The stubs' embedded interpreter ignores PYTHONPATH; a package
+    put on it here (numpy 1.x beside an interpreter whose own numpy is 2.x, say) must win there too."""
+    extra = [os.path.abspath(d) for d in env.get("PYTHONPATH", "").split(os.pathsep) if d]
+    site_packages = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    return os.pathsep.join(dict.fromkeys([*extra, *site_packages]))
+
+
 def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
     triton = find_triton(cfg.build_dir)
     repo = render_repository(cfg)
@@ -161,9 +170,7 @@ def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
         ]
     env = dict(os.environ)
     env[SERVING_NICE_ENV] = str(cfg.serving_nice)
-    env["MAVERICK_SITE_PACKAGES"] = os.pathsep.join(
-        dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    )
+    env["MAVERICK_SITE_PACKAGES"] = stub_package_dirs(env)
     if triton.lib_dirs:
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, triton.lib_dirs), env.get("LD_LIBRARY_PATH", "")])
     return cmd, env
@@ -221,7 +228,8 @@ class RunningServer:
         return self.proc.returncode
 
 
-def _engine_arg(text: str) -> tuple[str, str]:
+def engine_arg(text: str) -> tuple[str, str]:
+    """argparse type of a `key=value` engine setting."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
@@ -242,7 +250,7 @@ def main() -> None:
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument(
-        "--engine", type=_engine_arg, nargs="*", default=[], help="maverick engine settings, key=value"
+        "--engine", type=engine_arg, nargs="*", default=[], help="maverick engine settings, key=value"
     )
     ap.add_argument("--log-verbose", type=int, default=0)
     ap.add_argument(

@@ -217,3 +217,25 @@ def test_compare_takes_turns_between_engine_settings_and_reports_both(tiny_ckpt,
         assert 0 < r["cores"]["engine core"] <= 1.5 and r["cores"]["tritonserver"] > 0
     assert set(result["median_tokens_per_s"]) == {"cpu_threads=1", "cpu_threads=1 stream_interval=3"}
     assert "| cpu_threads=1 stream_interval=3 | 1 |" in (tmp_path / "compare.md").read_text()
+
+
+def test_record_runs_both_sides_with_the_same_engine_settings(tiny_ckpt, tmp_path):
+    """The README's performance record, cut to one short level: Triton then the engine directly,
+    each with the --engine settings (stream_interval=4: a response per 4 tokens on both sides)."""
+    cmd = [sys.executable, "-m", "loadtest.record", "--levels", "1", "--duration", "4", "--warmup", "1",
+           "--top-repeats", "0", "--no-diagnostics", "--engine", "stream_interval=4",
+           "--model-dir", str(tiny_ckpt), "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["engine"] == {"stream_interval": "4"} and "gpu" in record["machine"]
+    assert all(rc == 0 for rc in record["exit_codes"].values())
+    direct = json.loads((tmp_path / "direct" / "summary.json").read_text())
+    assert direct["engine_config"]["stream_interval"] == 4
+    for side in ("triton-grpc", "direct"):
+        requests, _ = report.read_records(tmp_path / side / "records.jsonl")
+        done = [r for r in requests if r["ok"]]
+        assert done and all(r["output_tokens"] == 64 for r in done)
+        # the first token alone, then at most one response per 4 tokens (and the end)
+        assert all(r["responses"] <= 1 + math.ceil(63 / 4) + 1 for r in done), side
+    assert "served config with stream_interval=4" in (tmp_path / "record.md").read_text()
