@@ -51,12 +51,12 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from bench_machine import BUSY_WARN, Meter, load_avg, machine_info, wait_for_quiet
 from bench_report import chart, markdown
 
 import maverick
+from loadtest.report import percentiles  # p50/p90/p99/mean, as the load test reports them
 from maverick.engine.llm_engine import EngineConfig, LLMEngine
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.sequence import Prompt
@@ -248,12 +248,6 @@ def unpadded(reqs: list[Request], c: int) -> list[int]:
 
 
 # -- metrics -------------------------------------------------------------------------------------
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
-
-
 def metrics(recs: list[Record], wall: float, meter: Meter) -> dict:
     rows = [r.summary() for r in recs]
     out_tokens = sum(r["output_tokens"] for r in rows)
