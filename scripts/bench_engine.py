@@ -300,6 +300,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="the engine's pure-decode steps (EngineConfig.decode_path; static and cuda_graph need CUDA)",
     )
+    p.add_argument(
+        "--moe-path",
+        choices=["reference", "kernel"],
+        default="reference",
+        help="the routed experts of the engine's prefill and mixed steps (EngineConfig.moe_path)",
+    )
     p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation (sdpa, eager)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument(
@@ -351,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
             experts=args.experts,
             max_num_seqs=max(args.levels),
             decode_path=args.decode_path,
+            moe_path=args.moe_path,
         )
     )
     ref = cast_floats(load_reference(args.model_dir, attn_implementation=args.hf_attn), args.dtype)

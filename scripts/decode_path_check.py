@@ -7,8 +7,8 @@ path and times, written into the report's "decode_path" section.
   the eager RoutedExperts at Maverick's TP 8 expert shapes;
 - the tiny model's fixed-shape forward vs the reference forward (fp32, and bf16 with FP8 experts),
   a CUDA-graph replay vs the same forward run eagerly, and the engine's greedy tokens with
-  decode_path "cuda_graph" vs "reference" (tests/fixed_shape_decode.py does the work, as it does
-  for tests/test_static_decode.py on the CPU);
+  decode_path "cuda_graph" (with moe_path "reference" and "kernel") vs "reference"
+  (tests/fixed_shape_decode.py does the work, as it does for tests/test_static_decode.py on the CPU);
 - decode steps at batch 1, 8, 32, 64 over a random KV cache against an fp32 oracle: the fixed-shape
   path in fp32 (to rounding), and both paths in bf16 (so the fixed-shape path's distance reads
   against the bf16 reference path's own);
@@ -126,7 +126,7 @@ def check_fused_moe(device: torch.device, out: dict) -> None:
         experts.w13_scale.copy_(s13)
         experts.w2_scale.copy_(s2)
     del w13, w2
-    for T in (1, 8, 32, 64, 256):
+    for T in (1, 8, 32, 64, 256, 1024, 4096):  # decode batches, then prefill chunks
         x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
         ids = torch.randint(0, E, (T,), device=device)
         row = {"tokens": T, "weights": "fp8" if fp8 else "bf16"}
@@ -166,12 +166,15 @@ def check_forward_and_engine(model_dir: str, device: torch.device, out: dict) ->
         return
     for name, dtype, experts in (("fp32 dequant", "float32", "dequant"), ("bf16 auto", "bfloat16", "auto")):
         ref, _ = fixed_shape_decode.engine_tokens(model_dir, "reference", str(device), dtype, experts)
-        got, steps = fixed_shape_decode.engine_tokens(model_dir, "cuda_graph", str(device), dtype, experts)
-        equal = sum(a == b for r in ref for a, b in zip(ref[r], got[r], strict=True))
-        row = {"equal_tokens": equal, "tokens": sum(map(len, ref.values())), "steps": steps}
-        row["all_equal"] = got == ref
-        out["engine_greedy"][name] = row
-        print(f"engine greedy tokens, cuda_graph vs reference, {name}: {row}")
+        for moe_path in ("reference", "kernel"):  # the routed experts of prefill and mixed steps
+            got, steps = fixed_shape_decode.engine_tokens(
+                model_dir, "cuda_graph", str(device), dtype, experts, moe_path
+            )
+            equal = sum(a == b for r in ref for a, b in zip(ref[r], got[r], strict=True))
+            row = {"equal_tokens": equal, "tokens": sum(map(len, ref.values())), "steps": steps}
+            row["all_equal"] = got == ref
+            out["engine_greedy"][f"{name}, moe_path {moe_path}"] = row
+            print(f"engine greedy tokens, cuda_graph + moe_path {moe_path} vs reference, {name}: {row}")
 
 
 DECODE_BS, DECODE_CTX, DECODE_MAX_B = 16, 200, 64  # block size, context per sequence, largest batch

@@ -30,6 +30,7 @@ from maverick.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from maverick.engine.sampling_params import SamplingParams  # noqa: E402
 from maverick.engine.sequence import Prompt  # noqa: E402
 from maverick.kernels import moe, paged_attention  # noqa: E402
+from maverick.layers import moe as moe_layer  # noqa: E402
 from maverick.layers.attention import DecodeMetadata  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -116,7 +117,12 @@ def decode_forward(model, use_graphs: bool = False) -> dict:
 
 
 def engine_tokens(
-    ckpt: str, decode_path: str, device: str = "cpu", dtype: str = "float32", experts: str = "dequant"
+    ckpt: str,
+    decode_path: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    experts: str = "dequant",
+    moe_path: str = "reference",
 ) -> tuple[dict[str, list[int]], dict[str, int]]:
     engine = LLMEngine(
         EngineConfig(
@@ -128,6 +134,7 @@ def engine_tokens(
             num_kv_blocks=48,
             max_num_seqs=8,
             decode_path=decode_path,
+            moe_path=moe_path,
         )
     )
     g = torch.Generator().manual_seed(1)
@@ -157,7 +164,24 @@ def main() -> None:
         assert isinstance(kernel, InterpretedFunction), type(kernel)
     model = load_model(ckpt, dtype=torch.float32, experts="dequant")
     result = {"forward": decode_forward(model)}
-    result["engine"] = {path: engine_tokens(ckpt, path) for path in ("reference", "static")}
+    # the most tokens one fused-MoE call saw on each engine run: decode batches only, or prefill too
+    calls: list[int] = []
+    fused = moe_layer.fused_moe
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return fused(x, *args, **kwargs)
+
+    moe_layer.fused_moe = counted
+    result["engine"], result["fused_moe_max_tokens"] = {}, {}
+    for name, path, moe_path in (
+        ("reference", "reference", "reference"),
+        ("static", "static", "reference"),
+        ("static, moe kernel", "static", "kernel"),
+    ):
+        calls.clear()
+        result["engine"][name] = engine_tokens(ckpt, path, moe_path=moe_path)
+        result["fused_moe_max_tokens"][name] = max(calls, default=0)
     torch.save(result, out)
 
 

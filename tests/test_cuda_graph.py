@@ -128,6 +128,8 @@ def test_model_runner_decode_path_on_the_cpu(ours_fp32, caplog):
     if not kernels_run_on(torch.device("cpu")):
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             ModelRunner(ours_fp32, num_blocks=8, block_size=16, decode_path="static")
+        with pytest.raises(ValueError, match="moe_path 'kernel'.*TRITON_INTERPRET"):
+            ModelRunner(ours_fp32, num_blocks=8, block_size=16, moe_path="kernel")
 
 
 class StubDecodeRunner:

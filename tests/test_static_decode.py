@@ -65,3 +65,14 @@ def test_engine_greedy_tokens_equal_on_the_static_path(interpreted):
     # decodes run in fixed shapes
     assert steps["reference"] > 0 and steps["fixed_shape"] > 0
     assert steps["reference"] + steps["fixed_shape"] == ref_steps["reference"]
+
+
+def test_engine_greedy_tokens_equal_with_the_moe_kernel_on_every_step(interpreted):
+    """moe_path "kernel": the prefill and mixed steps' routed experts through the fused kernel too."""
+    ref_tokens, ref_steps = interpreted["engine"]["reference"]
+    tokens, steps = interpreted["engine"]["static, moe kernel"]
+    assert tokens == ref_tokens
+    # the kernel saw whole prefill chunks (the longest prompt is 90 tokens), not only decode batches
+    seen = interpreted["fused_moe_max_tokens"]
+    assert seen["reference"] == 0 and seen["static"] <= 8 and seen["static, moe kernel"] >= 90
+    assert steps["reference"] > 0 and steps["reference"] + steps["fixed_shape"] == ref_steps["reference"]

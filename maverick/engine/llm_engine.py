@@ -18,7 +18,7 @@ import torch
 
 from maverick.checkpoint import ExpertMode, load_model
 from maverick.engine.block_manager import BlockManager
-from maverick.engine.model_runner import DecodePath, ModelRunner
+from maverick.engine.model_runner import DecodePath, ModelRunner, MoEPath
 from maverick.engine.sampler import SamplingState, sample
 from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
@@ -71,6 +71,11 @@ class EngineConfig:
     # H200 by scripts/gpu_check.py: graph replay bit-equal to the eager fixed-shape forward, fp32
     # decode steps to rounding of the reference path, the engine's greedy tokens equal).
     decode_path: DecodePath = "auto"
+    # Routed experts of prefill and mixed steps: "reference" (grouped: padded bmm for float
+    # experts, a `_scaled_mm` pair per expert for FP8, with a host sync for the group sizes) or
+    # "kernel" (the fused Triton kernel of the fixed-shape decode path, for any number of tokens;
+    # needs CUDA, or TRITON_INTERPRET=1 on the CPU). "reference" until measured on a GPU.
+    moe_path: MoEPath = "reference"
     # torch's intra-op threads for this process (CPU compute); None: torch's default, one per core.
     # Behind Triton on the CPU, fewer than the cores: the server, the other models and the clients
     # need cores too, and a parallel region whose threads are descheduled waits for the slowest.
@@ -139,6 +144,7 @@ class LLMEngine:
             num_blocks,
             config.block_size,
             decode_path=config.decode_path,
+            moe_path=config.moe_path,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )

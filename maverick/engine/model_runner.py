@@ -12,6 +12,8 @@ Two paths, chosen per step by `decode_path`:
   from CUDA graphs); prefill and mixed steps take the reference path. "cuda_graph" off CUDA falls
   back to the reference path; "static" needs the Triton kernels to run (CUDA, or the interpreter).
 - "auto" (the default): "cuda_graph" on CUDA where the kernels can run, else "reference".
+`moe_path` "kernel" runs the routed experts of the other steps (prefill, mixed) through the same
+fused kernel too; "reference" (the default) keeps them on the grouped reference.
 The cache has one block more than the block manager hands out: the scratch block where the padding
 rows of a fixed-shape batch write their K/V.
 """
@@ -34,6 +36,7 @@ from maverick.models.llama4 import Llama4Model
 log = logging.getLogger(__name__)
 
 DecodePath = Literal["auto", "reference", "static", "cuda_graph"]
+MoEPath = Literal["reference", "kernel"]
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ModelRunner:
         decode_path: DecodePath = "auto",
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
+        moe_path: MoEPath = "reference",
     ):
         self.model = model
         self.device = model.device
@@ -66,6 +70,12 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_caches(num_blocks + 1, block_size, kv_dtype)
         self.scratch_slot = num_blocks * block_size
         max_len = max_model_len or model.config.text.max_position_embeddings
+        if moe_path == "kernel" and not kernels_run_on(self.device):
+            raise ValueError(
+                "moe_path 'kernel' runs a Triton kernel: it needs triton and a CUDA device "
+                f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
+            )
+        model.use_moe_kernel(moe_path == "kernel")
         self.decode_path = self._resolve(decode_path)  # what pure-decode steps take: never "auto"
         self.decode_runner = self._decode_runner(self.decode_path, max_num_seqs, -(-max_len // block_size))
         self.num_reference_steps = 0

@@ -119,14 +119,18 @@ class MoE(nn.Module):
         self.router = Router(hidden_size, num_experts, dtype)
         self.experts = RoutedExperts(num_experts, hidden_size, intermediate_size, dtype, fp8)
         self.shared_expert = MLP(hidden_size, intermediate_size, dtype)
+        # The routed experts of every step (prefill and mixed too) through the fused kernel rather
+        # than the grouped reference; set by Llama4Model.use_moe_kernel.
+        self.kernel = False
 
     def forward(
         self, x: torch.Tensor, fixed_shape: bool = False, real_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x [T, H] -> [T, H]. fixed_shape: routed experts through the graph-capturable kernel,
-        skipping the rows where real_rows [T] bool is False (padding of a graph batch)."""
+        skipping the rows where real_rows [T] bool is False (padding of a graph batch). With
+        `kernel` set, every step's routed experts go through that kernel."""
         expert_ids, scores = self.router(x)
-        if fixed_shape:
+        if fixed_shape or self.kernel:
             if real_rows is not None:
                 expert_ids = torch.where(real_rows, expert_ids, self.experts.num_experts)  # E: skipped
             routed = self.experts.forward_fixed_shape(x * scores[:, None], expert_ids)

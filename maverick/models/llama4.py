@@ -159,6 +159,13 @@ class Llama4Model(nn.Module):
     def device(self) -> torch.device:
         return self.language_model.lm_head.weight.device
 
+    def use_moe_kernel(self, enabled: bool) -> None:
+        """Routed experts of every step through the fused Triton kernel (enabled), or of the
+        fixed-shape decode steps only, the others through the grouped reference (the default)."""
+        for layer in self.language_model.model.layers:
+            if isinstance(layer.feed_forward, MoE):
+                layer.feed_forward.kernel = enabled
+
     def allocate_kv_caches(
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
     ) -> list[KVCache]:
