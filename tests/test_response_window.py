@@ -115,3 +115,37 @@ def test_generations_wrap_inside_an_int64():
         assert wrapped.in_flight() == 0 and wrapped.offer(update([1])) is not None
     finally:
         board.close()
+
+
+def _board_in_a_process(exit_at_once: bool) -> tuple[subprocess.Popen, int]:
+    """A process that creates a board and then dies without closing it (killed before it could),
+    or lives on until its stdin closes. Returns the process and the board's id."""
+    code = (
+        "import os, sys; from maverick.serving.response_window import AckBoard; "
+        "b = AckBoard.create(num_slots=2); print(b.board_id, flush=True); "
+        + ("os._exit(0)" if exit_at_once else "sys.stdin.read()")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    return proc, int(proc.stdout.readline())
+
+
+def test_a_board_whose_owner_died_is_removed_by_the_next_one():
+    alive, alive_id = _board_in_a_process(exit_at_once=False)
+    dead, dead_id = _board_in_a_process(exit_at_once=True)  # (creating, it swept nothing of alive's)
+    dead.wait(timeout=30)
+    try:
+        assert board_path(dead_id).exists() and board_path(alive_id).exists()
+        board = AckBoard.create(num_slots=2)  # sweeps orphans first
+        assert not board_path(dead_id).exists()  # nobody held its lock any more
+        assert board_path(alive_id).exists()  # its owner still holds it
+        board.close()
+        assert not board_path(board.board_id).exists()
+    finally:
+        alive.stdin.close()
+        alive.wait(timeout=30)
+    # its process ended without closing the board: orphaned now, and swept by the next one
+    assert board_path(alive_id).exists()
+    AckBoard.create(num_slots=1).close()
+    assert not board_path(alive_id).exists()

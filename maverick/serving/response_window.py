@@ -14,10 +14,18 @@ The acknowledgements go through an AckBoard: an int64 array in a small file in s
 (/dev/shm), created by the `maverick` model instance (named by a random id) and written by
 postprocessing. Slot s holds the last acknowledged response of the request that owns s, tagged
 with the owner's generation so that a late acknowledgement of a previous owner is ignored.
+
+The creator holds an exclusive flock on its board for as long as it lives; the kernel drops the
+lock when the process dies, however it dies. A board whose lock can be taken has no owner left (its
+instance was killed before it could remove the file: a server that hit its exit timeout, say), and
+the next board created on the host removes it. Locks hold across PID namespaces (containers sharing
+/dev/shm), where a process id would not tell whether the owner is alive.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import secrets
 import tempfile
 from collections import deque
@@ -31,9 +39,36 @@ _SEQ_BITS = 32
 _MAX_GENERATION = (1 << 30) - 1
 
 
-def board_path(board_id: int) -> Path:
+BOARD_PREFIX = "maverick-acks-"
+
+
+def board_dir() -> Path:
     shm = Path("/dev/shm")
-    return (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"maverick-acks-{board_id:x}"
+    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+
+
+def board_path(board_id: int) -> Path:
+    return board_dir() / f"{BOARD_PREFIX}{board_id:x}"
+
+
+def remove_orphaned_boards() -> list[Path]:
+    """Remove the boards no living process holds (see the module's docstring); returns them."""
+    removed = []
+    for path in board_dir().glob(f"{BOARD_PREFIX}*"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue  # removed meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its owner lives
+        else:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)  # also drops the lock
+    return removed
 
 
 def pack(generation: int, seq: int) -> int:
@@ -45,22 +80,30 @@ class AckBoard:
     """The shared array. The `maverick` side creates it and hands out slots; postprocessing opens
     it by id and writes acknowledgements."""
 
-    def __init__(self, path: Path, board_id: int, slots: np.ndarray, owner: bool):
-        self.path, self.board_id, self.slots, self.owner = path, board_id, slots, owner
-        self._free: deque[int] = deque(range(len(slots))) if owner else deque()
+    def __init__(self, path: Path, board_id: int, slots: np.ndarray, lock_fd: int | None = None):
+        self.path, self.board_id, self.slots = path, board_id, slots
+        self.owner, self._lock_fd = lock_fd is not None, lock_fd
+        self._free: deque[int] = deque(range(len(slots))) if self.owner else deque()
         self._generation = 0
 
     @classmethod
     def create(cls, board_id: int | None = None, num_slots: int = NUM_SLOTS) -> AckBoard:
+        remove_orphaned_boards()
         board_id = secrets.randbits(62) if board_id is None else board_id  # never reused
         path = board_path(board_id)
-        slots = np.memmap(path, dtype=np.int64, mode="w+", shape=(num_slots,))
-        return cls(path, board_id, slots, owner=True)
+        # Made under another name, locked, then renamed: a sweep never sees it unlocked.
+        staging = path.with_name(f"staging-{path.name}")
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, num_slots * np.dtype(np.int64).itemsize)
+        os.rename(staging, path)
+        slots = np.memmap(path, dtype=np.int64, mode="r+", shape=(num_slots,))
+        return cls(path, board_id, slots, lock_fd=fd)
 
     @classmethod
     def open(cls, board_id: int) -> AckBoard:
         path = board_path(board_id)
-        return cls(path, board_id, np.memmap(path, dtype=np.int64, mode="r+"), owner=False)
+        return cls(path, board_id, np.memmap(path, dtype=np.int64, mode="r+"))
 
     # -- the maverick side ------------------------------------------------------------------------
     def window(self, limit: int = RESPONSES_IN_FLIGHT) -> ResponseWindow | None:
@@ -82,8 +125,10 @@ class AckBoard:
 
     def close(self) -> None:
         del self.slots
-        if self.owner:
+        if self._lock_fd is not None:
             self.path.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the postprocessing side ------------------------------------------------------------------
     def acknowledge(self, slot: int, value: int) -> None:
