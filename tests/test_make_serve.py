@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 from conftest import free_ports
 
-from maverick.serving.response_window import board_path
+from maverick.serving.response_window import BOARD_PREFIX, board_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def _ready(port: int, timeout: float) -> bool:
 
 def _ack_boards() -> set[Path]:
     """The maverick instances' flow-control boards (maverick/serving/response_window.py)."""
-    return set(board_path(0).parent.glob("maverick-acks-*"))
+    return set(board_dir().glob(f"{BOARD_PREFIX}*"))
 
 
 def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path):

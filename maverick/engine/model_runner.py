@@ -70,24 +70,27 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_caches(num_blocks + 1, block_size, kv_dtype)
         self.scratch_slot = num_blocks * block_size
         max_len = max_model_len or model.config.text.max_position_embeddings
-        if moe_path == "kernel" and not kernels_run_on(self.device):
-            raise ValueError(
-                "moe_path 'kernel' runs a Triton kernel: it needs triton and a CUDA device "
-                f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
-            )
+        if moe_path == "kernel" and (why_not := self._kernels_missing()):
+            raise ValueError(f"moe_path 'kernel': {why_not}")
         model.use_moe_kernel(moe_path == "kernel")
         self.decode_path = self._resolve(decode_path)  # what pure-decode steps take: never "auto"
         self.decode_runner = self._decode_runner(self.decode_path, max_num_seqs, -(-max_len // block_size))
         self.num_reference_steps = 0
         self.num_fixed_shape_steps = 0
 
+    def _kernels_missing(self) -> str | None:
+        """Why the Triton kernels cannot run on this device, or None."""
+        if kernels_run_on(self.device):
+            return None
+        return (
+            "it runs Triton kernels: it needs triton and a CUDA device "
+            f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
+        )
+
     def _fixed_shape_unsupported(self) -> str | None:
         """Why the fixed-shape kernels cannot run this model and cache here, or None."""
-        if not kernels_run_on(self.device):
-            return (
-                "it runs Triton kernels: it needs triton and a CUDA device "
-                f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
-            )
+        if why_not := self._kernels_missing():
+            return why_not
         head_dim = self.model.config.text.head_dim
         if self.block_size & (self.block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
             return (

@@ -82,8 +82,8 @@ class AckBoard:
 
     def __init__(self, path: Path, board_id: int, slots: np.ndarray, lock_fd: int | None = None):
         self.path, self.board_id, self.slots = path, board_id, slots
-        self.owner, self._lock_fd = lock_fd is not None, lock_fd
-        self._free: deque[int] = deque(range(len(slots))) if self.owner else deque()
+        self._lock_fd = lock_fd  # the creator's (the owner's); None where postprocessing opened it
+        self._free: deque[int] = deque(range(len(slots))) if lock_fd is not None else deque()
         self._generation = 0
 
     @classmethod
