@@ -3,6 +3,7 @@ the engine directly, side by side, and where the CPU goes.
 
     python -m loadtest.record [--levels 1,2,4,8,16,32] [--duration 25] [--warmup 5] [--workload chat]
                               [--top-repeats 2] [--model-dir models/tiny-maverick]
+                              [--engine key=value ...] [--engine-cpus 0]
                               [--out results/loadtest/record]
 
 1. Starts a tritonserver on the checkpoint (free ports, its own build folder), as `make serve` would.
@@ -21,7 +22,10 @@ the engine directly, side by side, and where the CPU goes.
 Meanwhile it samples the CPU time of every process involved (tritonserver, each Python backend
 stub, the Locust process, the direct engine) twice a second; per level, a process's cores are its
 CPU seconds over the level's wall time. The load generator shares the machine with the server: its
-share is reported, not hidden.
+share is reported, not hidden. With --engine-cpus the engine processes (of both sides) have those
+CPUs to themselves and everything else runs on the rest: Triton's relay and the load generator then
+cost the engine no CPU time, as on a GPU node with cores to spare, and what is left of the overhead
+is the relay's own latency and capacity.
 """
 
 from __future__ import annotations
@@ -68,13 +72,45 @@ def role(proc: psutil.Process) -> str | None:
     return None
 
 
-class CpuSampler(threading.Thread):
-    """CPU seconds (user + system) of every process below the given roots, by role, over time."""
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset writes it: "0", "0,2", "0-3,6"."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.partition("-")
+            first = int(lo)
+            last = int(hi) if dash else first
+            if first < 0 or last < first:
+                raise ValueError
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a CPU list like 0 or 0-3,6, got {text!r}") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("no CPUs given")
+    return cpus
 
-    def __init__(self, period: float = 0.5):
+
+def pin_threads(proc: psutil.Process, cpus: set[int]) -> None:
+    """Every thread of a process onto these CPUs (affinity is per thread; new threads inherit
+    their creator's)."""
+    for thread in proc.threads():
+        try:
+            if os.sched_getaffinity(thread.id) != cpus:
+                os.sched_setaffinity(thread.id, cpus)
+        except OSError:
+            pass  # the thread has ended
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds (user + system) of every process below the given roots, by role, over time.
+    With engine_cpus, each engine process it finds is pinned to those CPUs (all its threads, at
+    every sample: it may start threads later), and the CPUs of every role are noted."""
+
+    def __init__(self, period: float = 0.5, engine_cpus: set[int] | None = None):
         super().__init__(daemon=True)
-        self.period, self.roots = period, []
+        self.period, self.roots, self.engine_cpus = period, [], engine_cpus
         self.samples: list[tuple[float, dict[str, float]]] = []
+        self.affinity: dict[str, list[int]] = {}  # role -> the CPUs its processes ran on
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -87,6 +123,11 @@ class CpuSampler(threading.Thread):
             for proc in procs:
                 name = role(proc)
                 try:
+                    if name is not None and self.engine_cpus is not None:
+                        if name == "engine core":
+                            pin_threads(proc, self.engine_cpus)
+                        cpus = set(self.affinity.get(name, [])) | set(proc.cpu_affinity())
+                        self.affinity[name] = sorted(cpus)
                     t = proc.cpu_times()
                 except psutil.Error:
                     continue
@@ -237,12 +278,27 @@ def main(argv: list[str] | None = None) -> int:
         help="extra paired runs (fresh server, then direct) at the top level: on a shared machine one "
         "pair is not enough to state the overhead",
     )
+    ap.add_argument(
+        "--engine-cpus",
+        type=parse_cpus,
+        help="pin the engine processes (both sides) to these CPUs and run everything else "
+        "(tritonserver, its stubs, Locust, the direct side's client) on the others, as on a GPU node "
+        "where the relay has cores of its own; e.g. 0",
+    )
     args = ap.parse_args(argv)
+    cpus = None
+    if args.engine_cpus is not None:
+        available = os.sched_getaffinity(0)
+        others = available - args.engine_cpus
+        if not args.engine_cpus <= available or not others:
+            ap.error(f"--engine-cpus must leave CPUs for the rest (this process may use {sorted(available)})")
+        os.sched_setaffinity(0, others)  # inherited by every process started from here on
+        cpus = {"engine": sorted(args.engine_cpus), "others": sorted(others)}
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
     top = levels[-1]
-    args.sampler = CpuSampler()
+    args.sampler = CpuSampler(engine_cpus=args.engine_cpus)
     args.sampler.start()
     paths, rcs = measure(args, out, args.levels, args.diagnostics)
     pairs = [(paths["triton grpc"], paths["engine direct"])]
@@ -283,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_cores": {k: {str(lv): c for lv, c in v.items()} for k, v in cpu.items()},
         "top_level_pairs": top_pairs,
         "client_nice": args.client_nice,
+        "cpus": cpus,
+        "cpus_seen": args.sampler.affinity if cpus else None,
     }
     (out / "record.json").write_text(json.dumps(record, indent=2))
     text = record_markdown(record)
@@ -324,6 +382,17 @@ def _settings(rec: dict) -> str:
     return (" with " + " ".join(f"{k}={v}" for k, v in engine.items())) if engine else ""
 
 
+def _pinning(rec: dict) -> str:
+    cpus = rec.get("cpus")
+    if not cpus:
+        return ""
+    names = {k: ",".join(map(str, v)) for k, v in cpus.items()}
+    return (
+        f"Engine processes pinned to CPU {names['engine']}; tritonserver, its stubs, Locust and the "
+        f"direct side's client on CPU {names['others']}. "
+    )
+
+
 def record_markdown(rec: dict) -> str:
     tri, dire = _by_level(rec["summaries"]["triton grpc"]), _by_level(rec["summaries"]["engine direct"])
     w, m = rec["workload"], rec["machine"]
@@ -335,7 +404,7 @@ def record_markdown(rec: dict) -> str:
         f"{w['temperature']}; closed loop, each level held {rec['level_time_s']:g} s, the first "
         f"{rec['warmup_s']:g} s not measured. "
         f"Triton: gRPC streaming from Locust on the same machine (nice {rec.get('client_nice', 0)}). "
-        "Times in ms.",
+        f"{_pinning(rec)}Times in ms.",
         "",
         "| users | Triton tok/s | direct tok/s | overhead | Triton req/s | direct req/s "
         "| TTFT p50 T / D | TTFT p99 T / D | ITL p50 T / D | ITL p99 T / D | errors T / D |",

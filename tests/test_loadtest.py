@@ -5,6 +5,7 @@ a subprocess (gevent must not patch this interpreter). No timing is asserted bey
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # loadtest/ is a folder of scripts next to the packages, not installed
 from loadtest import report, sse, workload  # noqa: E402
 from loadtest.__main__ import levels_from, parser  # noqa: E402
+from loadtest.record import parse_cpus  # noqa: E402
 
 SMALL = ["--input-len", "uniform:16:64", "--output-len", "fixed:12"]
 
@@ -136,6 +138,13 @@ def test_report_metrics_are_exact(tmp_path):
     assert len(problems) == 3 and "error rate 20.0% > 10.0%" in problems[0]
 
 
+def test_cpu_lists_parse_as_taskset_writes_them():
+    assert parse_cpus("0") == {0} and parse_cpus("0-3,6") == {0, 1, 2, 3, 6} and parse_cpus("2,1") == {1, 2}
+    for bad in ("", "a", "1-", "0,,1", "3-1", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_cpus(bad)
+
+
 def test_sweep_levels_and_length_specs():
     assert levels_from(parser().parse_args(["--max-users", "32"])) == [1, 2, 4, 8, 16, 32]
     assert levels_from(parser().parse_args(["--max-users", "24"])) == [1, 2, 4, 8, 16, 24]
@@ -219,16 +228,26 @@ def test_compare_takes_turns_between_engine_settings_and_reports_both(tiny_ckpt,
     assert "| cpu_threads=1 stream_interval=3 | 1 |" in (tmp_path / "compare.md").read_text()
 
 
-def test_record_runs_both_sides_with_the_same_engine_settings(tiny_ckpt, tmp_path):
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning the engine apart needs 2 CPUs")
+def test_record_runs_both_sides_with_the_same_engine_settings_and_cpus(tiny_ckpt, tmp_path):
     """The README's performance record, cut to one short level: Triton then the engine directly,
-    each with the --engine settings (stream_interval=4: a response per 4 tokens on both sides)."""
+    each with the --engine settings (stream_interval=4: a response per 4 tokens on both sides),
+    the engine processes of both sides pinned to one CPU and everything else to the others."""
+    engine_cpu, *others = sorted(os.sched_getaffinity(0))
     cmd = [sys.executable, "-m", "loadtest.record", "--levels", "1", "--duration", "4", "--warmup", "1",
-           "--top-repeats", "0", "--no-diagnostics", "--engine", "stream_interval=4",
-           "--model-dir", str(tiny_ckpt), "--out", str(tmp_path)]  # fmt: skip
+           "--top-repeats", "0", "--no-diagnostics", "--engine", "stream_interval=4", "--engine-cpus",
+           str(engine_cpu), "--model-dir", str(tiny_ckpt), "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "record.json").read_text())
     assert record["engine"] == {"stream_interval": "4"} and "gpu" in record["machine"]
+    # where each process was seen running: the engines apart, the relay and both clients elsewhere
+    assert record["cpus"] == {"engine": [engine_cpu], "others": others}
+    seen = record["cpus_seen"]
+    assert seen.pop("engine core") == [engine_cpu]
+    assert set(seen) == {"tritonserver", "stub:preprocessing", "stub:maverick", "stub:postprocessing",
+                         "locust", "engine direct"}  # fmt: skip
+    assert all(cpus == others for cpus in seen.values()), seen
     assert all(rc == 0 for rc in record["exit_codes"].values())
     direct = json.loads((tmp_path / "direct" / "summary.json").read_text())
     assert direct["engine_config"]["stream_interval"] == 4
