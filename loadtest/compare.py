@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from loadtest.__main__ import seconds
-from loadtest.record import CpuSampler, level_windows, serve_and_load
+from loadtest.processes import CpuSampler
+from loadtest.record import level_windows, serve_and_load
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("engine core", "stub:maverick", "tritonserver", "stub:postprocessing", "locust")
