@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from maverick.engine.sequence import ImageInput, Prompt
+from maverick.engine.api import ImageInput, Prompt
 from maverick.image import ImageError, ImageTokenIds, expand_image_placeholders, load_image, preprocess
 from maverick.tokenizer import Tokenizer
 

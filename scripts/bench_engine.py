@@ -57,9 +57,8 @@ from bench_report import chart, markdown
 
 import maverick
 from loadtest.report import percentiles  # p50/p90/p99/mean, as the load test reports them
-from maverick.engine.llm_engine import EngineConfig, LLMEngine
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
+from maverick.engine.api import EngineConfig, Prompt, SamplingParams
+from maverick.engine.llm_engine import LLMEngine
 from maverick.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             "greedy": True,
         },
         "engine_config": asdict(engine.config),
-        "engine_decode_path": engine.runner.decode_path,  # what "auto" chose
+        "engine_decode_path": engine.modes.decode,  # what "auto" chose
         "levels": [],
     }
     runners = {

@@ -25,10 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paged import PagedDriver  # noqa: E402
 
 from maverick.checkpoint import load_model  # noqa: E402
+from maverick.engine.api import (
+    EngineConfig,  # noqa: E402
+    Prompt,  # noqa: E402
+    SamplingParams,  # noqa: E402
+)
 from maverick.engine.cuda_graph import CudaGraphRunner, DecodeBatch  # noqa: E402
-from maverick.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from maverick.engine.sampling_params import SamplingParams  # noqa: E402
-from maverick.engine.sequence import Prompt  # noqa: E402
+from maverick.engine.llm_engine import LLMEngine  # noqa: E402
 from maverick.kernels import moe, paged_attention  # noqa: E402
 from maverick.layers import moe as moe_layer  # noqa: E402
 from maverick.layers.attention import DecodeMetadata  # noqa: E402

@@ -10,10 +10,9 @@ import time
 import pytest
 from conftest import collect
 
+from maverick.engine.api import EngineConfig, Prompt, SamplingParams
 from maverick.engine.async_engine import AsyncEngine
-from maverick.engine.llm_engine import EngineConfig, RequestError
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
+from maverick.engine.errors import RequestError
 from maverick.tokenizer import Tokenizer
 
 
@@ -155,7 +154,7 @@ def test_bad_request_raises_at_once_and_engine_keeps_serving(engine, tiny_ckpt):
 
 def test_overload_is_refused_fast(tiny_ckpt):
     """Past max_num_waiting queued requests a new one is refused at once (UNAVAILABLE upstream)."""
-    from maverick.engine.async_engine import EngineOverloadedError
+    from maverick.engine.errors import EngineOverloadedError
 
     eng = AsyncEngine(
         EngineConfig(
@@ -223,8 +222,8 @@ def test_stream_interval_sends_the_first_token_alone_then_groups_of_n(engine, ti
 
 
 def test_an_abort_releases_the_tokens_a_stream_interval_held(tiny_ckpt):
-    from maverick.engine.llm_engine import RequestOutput
-    from maverick.engine.output_streams import Coalescer
+    from maverick.engine.api import RequestOutput
+    from maverick.engine.stream_policy import Coalescer
 
     c = Coalescer(3)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from maverick.engine.api import ImageInput, SamplingParams
 from maverick.engine.block_manager import BlockManager
-from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
-from maverick.engine.sequence import FinishReason, ImageInput, Sequence, SequenceStatus
+from maverick.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 PATCH = 99
 TILE = 2  # tokens per tile in these examples

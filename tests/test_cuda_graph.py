@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from maverick.engine.api import EngineConfig, Prompt, SamplingParams
 from maverick.engine.cuda_graph import CudaGraphRunner, DecodeBatch, batch_buckets, bucket_for, kernels_run_on
-from maverick.engine.llm_engine import EngineConfig, LLMEngine
+from maverick.engine.execution import resolve_modes
+from maverick.engine.llm_engine import LLMEngine
 from maverick.engine.model_runner import ModelRunner
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
 from maverick.layers.attention import DecodeMetadata
 
 
@@ -114,22 +114,25 @@ def test_cuda_graphs_need_cuda():
         )
 
 
-def test_model_runner_decode_path_on_the_cpu(ours_fp32, caplog):
-    runner = ModelRunner(ours_fp32, num_blocks=8, block_size=16, decode_path="cuda_graph")
-    assert runner.decode_runner is None and runner.decode_path == "reference"  # no CUDA
+def test_decode_path_resolved_once_on_the_cpu(ours_fp32, caplog):
+    cpu, head_dim = torch.device("cpu"), ours_fp32.config.text.head_dim
+    modes = resolve_modes("cuda_graph", "reference", cpu, 16, head_dim)
+    runner = ModelRunner(ours_fp32, num_blocks=8, block_size=16, modes=modes)
+    assert runner.decode_runner is None and modes.decode == "reference"  # no CUDA
     assert "needs CUDA" in caplog.text
     caplog.clear()
     # the default: CUDA graphs on CUDA only, also where the interpreter could run the kernels; quietly
-    runner = ModelRunner(ours_fp32, num_blocks=8, block_size=16)
-    assert runner.decode_runner is None and runner.decode_path == "reference"
+    modes = resolve_modes(EngineConfig(model_dir="unused").decode_path, "reference", cpu, 16, head_dim)
+    runner = ModelRunner(ours_fp32, num_blocks=8, block_size=16, modes=modes)
+    assert runner.decode_runner is None and modes.decode == "reference"
     assert EngineConfig(model_dir="unused").decode_path == "auto"
     assert caplog.text == ""
     assert runner.kv_caches[0][0].shape[0] == 9 and runner.scratch_slot == 8 * 16  # + the scratch block
-    if not kernels_run_on(torch.device("cpu")):
+    if not kernels_run_on(cpu):
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-            ModelRunner(ours_fp32, num_blocks=8, block_size=16, decode_path="static")
+            resolve_modes("static", "reference", cpu, 16, head_dim)
         with pytest.raises(ValueError, match="moe_path 'kernel'.*TRITON_INTERPRET"):
-            ModelRunner(ours_fp32, num_blocks=8, block_size=16, moe_path="kernel")
+            resolve_modes("auto", "kernel", cpu, 16, head_dim)
 
 
 class StubDecodeRunner:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
+from maverick.engine.api import EngineConfig, Prompt, SamplingParams
+from maverick.engine.errors import RequestError
+from maverick.engine.llm_engine import LLMEngine
 from maverick.prompt import build_chat_prompt
 from maverick.tokenizer import Tokenizer
 

@@ -16,11 +16,10 @@ import psutil
 import pytest
 from conftest import collect
 
-from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError
+from maverick.engine.api import EngineConfig, Prompt, SamplingParams
 from maverick.engine.engine_client import EngineClient
-from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
+from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
+from maverick.engine.llm_engine import LLMEngine
 from maverick.serving.engine_args import EngineArgsError, engine_config
 from maverick.tokenizer import Tokenizer
 
@@ -161,7 +160,7 @@ def test_the_engine_process_exits_when_its_parent_dies(tiny_ckpt):
             textwrap.dedent(f"""
                 import time
                 from maverick.engine.engine_client import EngineClient
-                from maverick.engine.llm_engine import EngineConfig
+                from maverick.engine.api import EngineConfig
                 config = EngineConfig(model_dir={str(tiny_ckpt)!r}, dtype="float32", cpu_threads=1)
                 engine = EngineClient(config)
                 print(engine.pid, flush=True)

@@ -1,5 +1,6 @@
-"""Flow control of streamed responses (maverick/serving/response_window.py): the `maverick` step
-keeps at most `limit` unacknowledged responses per stream and merges what it holds back."""
+"""Flow control of streamed responses (maverick/serving/response_window.py, flow_control.py): the
+`maverick` step keeps at most `limit` unacknowledged responses per stream and merges what it holds
+back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import sys
 
 import pytest
 
-from maverick.engine.llm_engine import RequestOutput
+from maverick.engine.api import RequestOutput
+from maverick.serving.flow_control import FlowControlledStream
 from maverick.serving.response_window import NO_ACK, AckBoard, Acknowledger, board_path
 
 
@@ -17,6 +19,11 @@ def board():
     board = AckBoard.create(num_slots=4)
     yield board
     board.close()
+
+
+def window_of(board, limit):
+    """A request's flow-controlled stream, as the `maverick` step makes one."""
+    return FlowControlledStream(board.window(limit=limit))
 
 
 def update(ids, finished=False):
@@ -33,7 +40,7 @@ def update(ids, finished=False):
 
 
 def test_at_most_limit_unacknowledged_and_held_updates_leave_merged(board):
-    window = board.window(limit=2)
+    window = window_of(board, 2)
     postprocessing = Acknowledger()
     sent = [window.offer(update([1])), window.offer(update([2]))]
     assert all(s is not None for s in sent)
@@ -47,11 +54,11 @@ def test_at_most_limit_unacknowledged_and_held_updates_leave_merged(board):
     assert window.offer(update([6])) is None  # responses 2 and 3 in flight
     last, _ = window.offer(update([7], finished=True))  # the last update always leaves
     assert last.token_ids == [6, 7] and last.finished and last.finish_reason == "length"
-    assert ack[:2] == (board.board_id, window.slot)
+    assert ack[:2] == (board.board_id, window.window.slot)
 
 
 def test_acknowledgements_cross_processes(board):
-    window = board.window(limit=1)
+    window = window_of(board, 1)
     _, ack = window.offer(update([1]))
     assert window.offer(update([2])) is None
     code = (
@@ -60,22 +67,22 @@ def test_acknowledgements_cross_processes(board):
         "Acknowledger()(tuple(int(v) for v in sys.argv[1:]))\n"
     )
     subprocess.run([sys.executable, "-c", code, *map(str, ack)], check=True)
-    assert window.in_flight() == 0
+    assert window.window.in_flight() == 0
     assert window.offer(update([3])) is not None
 
 
 def test_a_late_acknowledgement_of_a_previous_owner_is_ignored():
     board = AckBoard.create(num_slots=1)
     try:
-        old = board.window(limit=1)
+        old = window_of(board, 1)
         _, old_ack = old.offer(update([1]))
         old.offer(update([2], finished=True))
         old.close()
-        new = board.window(limit=1)  # the same slot, a new generation
-        assert new.slot == old.slot
+        new = window_of(board, 1)  # the same slot, a new generation
+        assert new.window.slot == old.window.slot
         new.offer(update([1]))
         Acknowledger()(old_ack)  # postprocessing handles the old request's response only now
-        assert new.in_flight() == 1 and new.offer(update([2])) is None
+        assert new.window.in_flight() == 1 and new.offer(update([2])) is None
     finally:
         board.close()
 
@@ -106,13 +113,13 @@ def test_generations_wrap_inside_an_int64():
     board = AckBoard.create(num_slots=1)
     try:
         board._generation = (1 << 30) - 2  # the next window takes the last generation
-        last = board.window(limit=1)
+        last = window_of(board, 1)
         _, ack = last.offer(update([1], finished=True))
         last.close()
-        wrapped = board.window(limit=1)
-        assert last.generation == (1 << 30) - 1 and wrapped.generation == 1
+        wrapped = window_of(board, 1)
+        assert last.window.generation == (1 << 30) - 1 and wrapped.window.generation == 1
         Acknowledger()(ack)  # the previous generation's acknowledgement
-        assert wrapped.in_flight() == 0 and wrapped.offer(update([1])) is not None
+        assert wrapped.window.in_flight() == 0 and wrapped.offer(update([1])) is not None
     finally:
         board.close()
 

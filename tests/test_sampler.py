@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from maverick.engine.api import SamplingParams
+from maverick.engine.errors import SamplingParamsError
 from maverick.engine.sampler import (
     SamplingState,
     apply_min_p,
@@ -16,7 +18,6 @@ from maverick.engine.sampler import (
     make_generator,
     sample,
 )
-from maverick.engine.sampling_params import SamplingParams, SamplingParamsError
 
 EOS = (3,)
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from maverick.engine.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, SamplingParamsError
+from maverick.engine.api import DEFAULT_MAX_TOKENS, SamplingParams
+from maverick.engine.errors import SamplingParamsError
 
 
 def test_defaults():

@@ -1,4 +1,6 @@
-"""The engine on its own thread, with an asyncio streaming API.
+"""The engine in-process, on a thread of its own, with an asyncio streaming API: for scripts,
+notebooks and tests. `EngineClient` has the same API with the engine in a child process (what the
+Triton model runs, so the engine loop never shares a GIL with the server's Python).
 
     engine = AsyncEngine(EngineConfig(model_dir=...))
     async for out in engine.generate("req-1", prompt, SamplingParams(max_tokens=64)):
@@ -20,24 +22,14 @@ import logging
 import threading
 import time
 
-from maverick.engine.llm_engine import EngineConfig, LLMEngine, RequestError, RequestOutput, stats_as_of
-from maverick.engine.output_streams import Coalescer, OutputStreams, Stream, StreamingEngine
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt, Sequence
+from maverick.engine.api import EngineConfig, Prompt, RequestOutput, SamplingParams
+from maverick.engine.errors import EngineDeadError, RequestError, overloaded
+from maverick.engine.llm_engine import LLMEngine, stats_as_of
+from maverick.engine.output_streams import OutputStreams, Stream, StreamingEngine
+from maverick.engine.sequence import Sequence
+from maverick.engine.stream_policy import Coalescer
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine stopped; no request can be served."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests are waiting; this one is refused rather than queued without bound."""
-
-
-def overloaded(num_waiting: int) -> EngineOverloadedError:
-    return EngineOverloadedError(f"the server is overloaded: {num_waiting} requests are waiting; retry later")
 
 
 class AsyncEngine(StreamingEngine):

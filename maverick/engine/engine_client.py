@@ -26,12 +26,11 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError
+from maverick.engine.api import EngineConfig, Prompt, RequestOutput, SamplingParams
 from maverick.engine.engine_core import recv, send
-from maverick.engine.llm_engine import EngineConfig, RequestError, RequestOutput, stats_as_of
+from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
+from maverick.engine.llm_engine import stats_as_of
 from maverick.engine.output_streams import OutputStreams, Stream, StreamingEngine
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ import signal
 import sys
 from multiprocessing.connection import Connection
 
-from maverick.engine.async_engine import overloaded
-from maverick.engine.llm_engine import LLMEngine, RequestError, RequestOutput
-from maverick.engine.output_streams import Coalescer
+from maverick.engine.api import RequestOutput
+from maverick.engine.errors import RequestError, overloaded
+from maverick.engine.llm_engine import LLMEngine
+from maverick.engine.stream_policy import Coalescer
 
 log = logging.getLogger("maverick.engine_core")
 

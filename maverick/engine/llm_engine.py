@@ -11,18 +11,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from maverick.checkpoint import ExpertMode, load_model
+from maverick.checkpoint import load_model
+from maverick.config import ModelConfig
+from maverick.engine.api import DTYPES, EngineConfig, Prompt, RequestOutput, SamplingParams
 from maverick.engine.block_manager import BlockManager
-from maverick.engine.model_runner import DecodePath, ModelRunner, MoEPath
+from maverick.engine.errors import RequestError
+from maverick.engine.execution import resolve_modes
+from maverick.engine.model_runner import ModelRunner
 from maverick.engine.sampler import SamplingState, sample
-from maverick.engine.sampling_params import SamplingParams
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
-from maverick.engine.sequence import FinishReason, Prompt, Sequence
+from maverick.engine.sequence import FinishReason, Sequence
 from maverick.engine.stop import StopStringMatcher
 from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
 
@@ -42,80 +45,6 @@ def stats_as_of(stats: dict[str, float], taken_at: float) -> dict[str, float]:
     return out
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class RequestError(ValueError):
-    """A request the engine refuses, with a message for the user."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_dir: str
-    dtype: str = "bfloat16"
-    device: str = "cpu"
-    experts: ExpertMode = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # None: from kv_cache_bytes (CPU) or gpu_memory_utilization (CUDA)
-    kv_cache_bytes: int = 1 << 30
-    gpu_memory_utilization: float = 0.9  # CUDA: the share of the memory left after loading for the cache
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_num_waiting: int = 256  # more queued requests than this are refused (overload), not buffered
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    # Pure-decode steps: "reference" (host-planned attention, grouped MoE, like prefill), "static"
-    # (fixed shapes through Triton kernels, eagerly; needs CUDA, or TRITON_INTERPRET=1 on the CPU),
-    # "cuda_graph" (the same, replayed from CUDA graphs per batch-size bucket; the reference path off
-    # CUDA) or "auto": "cuda_graph" on CUDA where the kernels run, else "reference" (validated on an
-    # H200 by scripts/gpu_check.py: graph replay bit-equal to the eager fixed-shape forward, fp32
-    # decode steps to rounding of the reference path, the engine's greedy tokens equal).
-    decode_path: DecodePath = "auto"
-    # Routed experts of prefill and mixed steps: "reference" (grouped: padded bmm for float
-    # experts, a `_scaled_mm` pair per expert for FP8, with a host sync for the group sizes) or
-    # "kernel" (the fused Triton kernel of the fixed-shape decode path, for any number of tokens;
-    # needs CUDA, or TRITON_INTERPRET=1 on the CPU). "reference" until measured on a GPU.
-    moe_path: MoEPath = "reference"
-    # torch's intra-op threads for this process (CPU compute); None: torch's default, one per core.
-    # Behind Triton on the CPU, fewer than the cores: the server, the other models and the clients
-    # need cores too, and a parallel region whose threads are descheduled waits for the slowest.
-    cpu_threads: int | None = None
-    # Streamed updates carry at least this many new tokens (the first token and the end leave at
-    # once): fewer, larger responses when each one costs the server more than the engine's step.
-    stream_interval: int = 1
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
-            raise ValueError("block_size and num_kv_blocks must be positive")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.stream_interval < 1:
-            raise ValueError("stream_interval must be at least 1")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError("cpu_threads must be at least 1 (or None for torch's default)")
-
-
-@dataclass
-class RequestOutput:
-    """One streamed update of a request. `text` and `token_ids` are deltas since the last update."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-    error: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0  # total so far
-    num_cached_tokens: int = 0
-    logprobs: list[float] | None = None
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)  # monotonic time of each new token
-
-
 @dataclass
 class _Stream:
     """Text-side state of one request: detokenizer context and stop-string matcher."""
@@ -130,8 +59,12 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process
+        head_dim = ModelConfig.from_dir(config.model_dir).text.head_dim  # decided before the weights load
+        self.modes = resolve_modes(
+            config.decode_path, config.moe_path, self.device, config.block_size, head_dim
+        )
         self.model = load_model(
-            config.model_dir, dtype=_DTYPES[config.dtype], device=self.device, experts=config.experts
+            config.model_dir, dtype=DTYPES[config.dtype], device=self.device, experts=config.experts
         )
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         mcfg = self.model.config
@@ -143,8 +76,7 @@ class LLMEngine:
             self.model,
             num_blocks,
             config.block_size,
-            decode_path=config.decode_path,
-            moe_path=config.moe_path,
+            modes=self.modes,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )

@@ -5,38 +5,28 @@ tokens (a prefill chunk or one decode token), their positions and cache slots, t
 block table, and the image-embedding rows of any `<|patch|>` tokens among them (an image is
 encoded once, when its first patch enters a chunk, and dropped when its last one has).
 
-Two paths, chosen per step by `decode_path`:
-- "reference": every step through the reference forward (host-planned attention, grouped MoE);
-- "static" / "cuda_graph": a pure-decode step (one text token per sequence) of at most
-  `max_num_seqs` sequences runs in fixed shapes through `CudaGraphRunner` (eagerly, or replayed
-  from CUDA graphs); prefill and mixed steps take the reference path. "cuda_graph" off CUDA falls
-  back to the reference path; "static" needs the Triton kernels to run (CUDA, or the interpreter).
-- "auto" (the default): "cuda_graph" on CUDA where the kernels can run, else "reference".
-`moe_path` "kernel" runs the routed experts of the other steps (prefill, mixed) through the same
-fused kernel too; "reference" (the default) keeps them on the grouped reference.
+Pure-decode steps (one text token per sequence, at most `max_num_seqs` of them) run in fixed
+shapes through `CudaGraphRunner` when `modes.fixed_shape_decode` (eagerly, or replayed from CUDA
+graphs with `modes.cuda_graphs`); every other step takes the reference forward (host-planned
+attention, grouped MoE), its routed experts through the fused kernel with `modes.moe_kernel`.
+The engine decides the modes once at start (execution.py).
 The cache has one block more than the block manager hands out: the scratch block where the padding
 rows of a fixed-shape batch write their K/V.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from maverick.engine.cuda_graph import CudaGraphRunner, DecodeBatch, kernels_run_on
+from maverick.engine.cuda_graph import CudaGraphRunner, DecodeBatch
+from maverick.engine.execution import REFERENCE, ExecutionModes
 from maverick.engine.scheduler import SchedulerOutput
 from maverick.engine.sequence import Sequence
 from maverick.layers.attention import AttentionMetadata
 from maverick.models.llama4 import Llama4Model
-
-log = logging.getLogger(__name__)
-
-DecodePath = Literal["auto", "reference", "static", "cuda_graph"]
-MoEPath = Literal["reference", "kernel"]
 
 
 @dataclass
@@ -58,10 +48,9 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype | None = None,
         *,
-        decode_path: DecodePath = "auto",
+        modes: ExecutionModes = REFERENCE,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
-        moe_path: MoEPath = "reference",
     ):
         self.model = model
         self.device = model.device
@@ -69,65 +58,23 @@ class ModelRunner:
         self.num_blocks = num_blocks  # the block manager's; block `num_blocks` is the scratch block
         self.kv_caches = model.allocate_kv_caches(num_blocks + 1, block_size, kv_dtype)
         self.scratch_slot = num_blocks * block_size
+        self.modes = modes
+        model.use_moe_kernel(modes.moe_kernel)
         max_len = max_model_len or model.config.text.max_position_embeddings
-        if moe_path == "kernel" and (why_not := self._kernels_missing()):
-            raise ValueError(f"moe_path 'kernel': {why_not}")
-        model.use_moe_kernel(moe_path == "kernel")
-        self.decode_path = self._resolve(decode_path)  # what pure-decode steps take: never "auto"
-        self.decode_runner = self._decode_runner(self.decode_path, max_num_seqs, -(-max_len // block_size))
+        self.decode_runner = (
+            CudaGraphRunner(
+                model,
+                self.kv_caches,
+                max_batch_size=max_num_seqs,
+                max_blocks_per_seq=min(-(-max_len // block_size), num_blocks),
+                scratch_slot=self.scratch_slot,
+                use_graphs=modes.cuda_graphs,
+            )
+            if modes.fixed_shape_decode
+            else None
+        )
         self.num_reference_steps = 0
         self.num_fixed_shape_steps = 0
-
-    def _kernels_missing(self) -> str | None:
-        """Why the Triton kernels cannot run on this device, or None."""
-        if kernels_run_on(self.device):
-            return None
-        return (
-            "it runs Triton kernels: it needs triton and a CUDA device "
-            f"(or TRITON_INTERPRET=1 on the CPU, for tests); the device is {self.device}"
-        )
-
-    def _fixed_shape_unsupported(self) -> str | None:
-        """Why the fixed-shape kernels cannot run this model and cache here, or None."""
-        if why_not := self._kernels_missing():
-            return why_not
-        head_dim = self.model.config.text.head_dim
-        if self.block_size & (self.block_size - 1) or head_dim & (head_dim - 1) or head_dim < 16:
-            return (
-                f"it needs a power-of-two block_size and head_dim >= 16 (got {self.block_size}, {head_dim})"
-            )
-        return None
-
-    def _resolve(self, path: DecodePath) -> DecodePath:
-        if path == "auto":
-            if self.device.type != "cuda":
-                return "reference"
-            why_not = self._fixed_shape_unsupported()
-            if why_not:
-                log.warning(
-                    "decode_path 'auto': decoding on the reference path, not CUDA graphs: %s", why_not
-                )
-                return "reference"
-            return "cuda_graph"
-        if path == "cuda_graph" and self.device.type != "cuda":
-            log.warning("decode_path 'cuda_graph' needs CUDA: %s decodes on the reference path", self.device)
-            return "reference"
-        return path
-
-    def _decode_runner(self, path: DecodePath, max_num_seqs: int, max_blocks: int) -> CudaGraphRunner | None:
-        if path == "reference":
-            return None
-        why_not = self._fixed_shape_unsupported()
-        if why_not:
-            raise ValueError(f"decode_path {path!r}: {why_not}")
-        return CudaGraphRunner(
-            self.model,
-            self.kv_caches,
-            max_batch_size=max_num_seqs,
-            max_blocks_per_seq=min(max_blocks, self.num_blocks),
-            scratch_slot=self.scratch_slot,
-            use_graphs=path == "cuda_graph",
-        )
 
     @staticmethod
     def kv_bytes_per_block(model: Llama4Model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:

@@ -4,21 +4,20 @@ The engine's outputs are produced on one thread (the in-process engine loop, or 
 engine process) and consumed by coroutines on any number of asyncio event loops. Each request has
 an asyncio queue on its caller's loop; a batch of outputs wakes each loop once (one
 `call_soon_threadsafe` per loop per step, not one per output). Updates that queued while the caller
-was busy leave merged, so a slow consumer (e.g. one Triton response per update) catches up instead
-of falling behind. Used by `AsyncEngine` and `EngineClient`.
+was busy leave merged (stream_policy.py), so a slow consumer (e.g. one Triton response per update)
+catches up instead of falling behind. Used by `AsyncEngine` and `EngineClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from maverick.engine.llm_engine import RequestError, RequestOutput
-from maverick.engine.sampling_params import SamplingParams
-from maverick.engine.sequence import Prompt
+from maverick.engine.api import Prompt, RequestOutput, SamplingParams
+from maverick.engine.errors import RequestError
+from maverick.engine.stream_policy import merge
 
 Item = RequestOutput | BaseException  # an exception ends its stream with that error
 
@@ -27,52 +26,6 @@ Item = RequestOutput | BaseException  # an exception ends its stream with that e
 class Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-
-
-def merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """Two consecutive updates of one request as one: deltas joined, totals and state from `then`."""
-    logprobs = (
-        None
-        if first.logprobs is None and then.logprobs is None
-        else (first.logprobs or []) + (then.logprobs or [])
-    )
-    return dataclasses.replace(
-        then,
-        token_ids=first.token_ids + then.token_ids,
-        text=first.text + then.text,
-        logprobs=logprobs,
-        first_token_time=first.first_token_time
-        if first.first_token_time is not None
-        else then.first_token_time,
-        token_times=first.token_times + then.token_times,
-    )
-
-
-class Coalescer:
-    """Holds each request's updates until it has `interval` new tokens (SGLang's stream interval):
-    fewer, larger updates, so a server pays its per-response cost (a Triton response through the
-    ensemble, a gRPC message) once per `interval` tokens. The update with a request's first token
-    and its last one leave at once, so TTFT and the end are not delayed; interval 1 passes every
-    update through."""
-
-    def __init__(self, interval: int):
-        self.interval = interval
-        self._held: dict[str, RequestOutput] = {}
-
-    def push(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        if self.interval == 1:
-            return outputs
-        ready = []
-        for out in outputs:
-            held = self._held.pop(out.request_id, None)
-            if held is not None:
-                out = merge(held, out)
-            first = out.num_output_tokens == len(out.token_ids) and out.token_ids
-            if out.finished or first or len(out.token_ids) >= self.interval:
-                ready.append(out)
-            else:
-                self._held[out.request_id] = out
-        return ready
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Item]]) -> None:

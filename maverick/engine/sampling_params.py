@@ -15,15 +15,13 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from maverick.engine.errors import SamplingParamsError
+
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOP_STRINGS = 16
 MAX_BAD_WORDS = 64
 MAX_SEED = 2**64  # exclusive: a seed is an unsigned 64-bit integer, as torch.Generator.manual_seed takes
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, as the OpenAI API
-
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter is invalid; the message names it, its value and the allowed range."""
 
 
 def _is_int(v: Any) -> bool:

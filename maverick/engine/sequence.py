@@ -9,7 +9,6 @@ sets `num_computed_tokens` back to 0: the prompt and the output so far are then 
 from __future__ import annotations
 
 import enum
-import hashlib
 import time
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from maverick.engine.sampling_params import SamplingParams
+from maverick.engine.api import ImageInput, SamplingParams
 
 if TYPE_CHECKING:
     from maverick.engine.sampler import SamplingState
@@ -35,31 +34,6 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens, the model's context, or the KV cache for a lone sequence
     ABORT = "abort"  # cancelled by the caller
     ERROR = "error"  # the engine failed this request (the message says why)
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image of a prompt, already tiled: its `<|patch|>` tokens are in the prompt in order."""
-
-    pixel_values: torch.Tensor  # [tiles, 3, 336, 336] float32, thumbnail last when tiles > 1
-    content_hash: bytes  # of the pixel values: part of the prefix-cache key of the blocks it covers
-
-    @classmethod
-    def from_pixels(cls, pixel_values: torch.Tensor) -> ImageInput:
-        data = pixel_values.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        return cls(pixel_values, hashlib.blake2b(data, digest_size=16).digest())
-
-    @property
-    def num_tiles(self) -> int:
-        return self.pixel_values.shape[0]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What the engine generates from: token ids with image layouts already expanded, and the images."""
-
-    token_ids: list[int]
-    images: tuple[ImageInput, ...] = ()
 
 
 @dataclass

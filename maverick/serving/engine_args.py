@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from maverick.engine.llm_engine import EngineConfig
+from maverick.engine.api import EngineConfig
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from maverick.engine.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams, SamplingParamsError
-from maverick.engine.sequence import ImageInput, Prompt
+from maverick.engine.api import DEFAULT_MAX_TOKENS, ImageInput, Prompt, SamplingParams
+from maverick.engine.errors import SamplingParamsError
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
 from maverick.serving.step_output import RETURN_LOG_PROBS, RETURN_NUM_INPUT_TOKENS, RETURN_NUM_OUTPUT_TOKENS

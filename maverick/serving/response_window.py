@@ -6,7 +6,8 @@ When responses come faster than it serves them they queue in front of it, and ea
 reach the client late by the whole queue. So the `maverick` step keeps at most
 RESPONSES_IN_FLIGHT responses per request past it: postprocessing acknowledges each response it
 has handled, and while a request has that many unacknowledged, its new tokens wait and leave
-merged into the next response (nothing is dropped; the last response always leaves at once). A
+merged into the next response (nothing is dropped; the last response always leaves at once; the
+holding and merging are maverick/engine/stream_policy.py's, this module is the transport). A
 server with time to spare acknowledges before the next engine step and streams every token;
 a busy one sends fewer, larger responses instead of a growing queue.
 
@@ -137,30 +138,24 @@ class AckBoard:
 
 
 class ResponseWindow:
-    """One request's streamed responses: `offer` each engine update, send what it returns."""
+    """One request's slot on the board: how many of its streamed responses are in flight. When a
+    response may leave and what waits meanwhile is stream_policy's (the caller holds updates while
+    `has_room()` is false)."""
 
     def __init__(self, board: AckBoard, slot: int, generation: int, limit: int):
-        from maverick.engine.output_streams import merge  # engine types; postprocessing never offers
-
-        self._merge = merge
         self.board, self.slot, self.generation, self.limit = board, slot, generation, limit
         self.sent = 0
-        self._held = None  # updates not sent yet, merged (a RequestOutput)
 
     def in_flight(self) -> int:
         return self.sent - self.board.acknowledged(self.slot, self.generation)
 
-    def offer(self, out):
-        """out: the request's next engine update (RequestOutput). Returns (update to send: every
-        update held so far merged with this one, its ack), or None while
-        `limit` responses are unacknowledged (out is held). The last update always leaves.
-        The ack is (board id, slot, value) for the response's StepOutput."""
-        self._held = out if self._held is None else self._merge(self._held, out)
-        if not out.finished and self.in_flight() >= self.limit:
-            return None
-        update, self._held = self._held, None
+    def has_room(self) -> bool:
+        return self.in_flight() < self.limit
+
+    def send(self) -> tuple[int, int, int]:
+        """Count one more response as sent; returns its ack (board id, slot, value) for StepOutput."""
         self.sent += 1
-        return update, (self.board.board_id, self.slot, pack(self.generation, self.sent))
+        return self.board.board_id, self.slot, pack(self.generation, self.sent)
 
     def close(self) -> None:
         self.board.release(self.slot)

@@ -13,26 +13,23 @@ client can stop a request by its id).
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import threading
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from maverick_metrics import EngineMetrics  # noqa: E402
+import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from maverick_metrics import EngineMetrics
 
-from maverick.engine.async_engine import EngineDeadError, EngineOverloadedError  # noqa: E402
-from maverick.engine.engine_client import EngineClient  # noqa: E402
-from maverick.engine.llm_engine import RequestError  # noqa: E402
-from maverick.serving.engine_args import engine_config  # noqa: E402
-from maverick.serving.model_dir import project_root  # noqa: E402
-from maverick.serving.priority import yield_to_engine  # noqa: E402
-from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors  # noqa: E402
-from maverick.serving.response_window import NO_ACK, AckBoard  # noqa: E402
-from maverick.serving.step_output import StepOutput  # noqa: E402
+from maverick.engine.engine_client import EngineClient
+from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
+from maverick.serving.engine_args import engine_config
+from maverick.serving.flow_control import FlowControlledStream
+from maverick.serving.model_dir import project_root
+from maverick.serving.priority import yield_to_engine
+from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors
+from maverick.serving.response_window import NO_ACK, AckBoard
+from maverick.serving.step_output import StepOutput
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
 # Triton's cancelled flag is only set for direct calls (the ensemble passes cancellation on through
@@ -95,8 +92,10 @@ class TritonPythonModel:
         self.live[request_id] = request.request_id()
         watcher = asyncio.ensure_future(self._watch(request, request_id))
         # through the ensemble, at most a few responses in flight past postprocessing; the rest
-        # wait here, merged (maverick/serving/response_window.py)
-        window = self.acks.window() if req.options.stream and req.options.flow_control else None
+        # wait here, merged (maverick/serving/flow_control.py)
+        flow = FlowControlledStream(
+            self.acks.window() if req.options.stream and req.options.flow_control else None
+        )
         text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
         returns = req.returns  # the optional public outputs asked for, once per request
         try:
@@ -106,7 +105,7 @@ class TritonPythonModel:
                     self.metrics.observe(out)
                     last = out
                     if req.options.stream:
-                        offered = (out, NO_ACK) if window is None else window.offer(out)
+                        offered = flow.offer(out)
                         if offered is None:
                             continue  # held: this stream has enough responses in flight
                         update, ack = offered
@@ -140,8 +139,7 @@ class TritonPythonModel:
         finally:
             watcher.cancel()
             self.live.pop(request_id, None)
-            if window is not None:
-                window.close()
+            flow.close()
 
     def _abort(self, target: str, sender) -> None:
         """Stop the engine requests named by their engine id or their Triton request id."""

@@ -17,17 +17,13 @@ arrives here cancelled, though. That request names the engine request (`llm_requ
 this model tells `maverick` to abort it, which frees its KV blocks within one engine step.
 """
 
-import os
-import sys
+import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from maverick.serving.priority import yield_to_engine  # noqa: E402
-from maverick.serving.response_window import Acknowledger  # noqa: E402
-from maverick.serving.step_output import (  # noqa: E402
+from maverick.serving.priority import yield_to_engine
+from maverick.serving.response_window import Acknowledger
+from maverick.serving.step_output import (
     RETURN_LOG_PROBS,
     RETURN_NUM_INPUT_TOKENS,
     RETURN_NUM_OUTPUT_TOKENS,

@@ -3,17 +3,14 @@ maverick.serving.request). A bad request fails alone with INVALID_ARG."""
 
 import dataclasses
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import maverick_env  # noqa: E402, F401  (first: the project's site-packages)
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
+import triton_python_backend_utils as pb_utils
 
-from maverick.serving.model_dir import generation_defaults, resolve_model_dir  # noqa: E402
-from maverick.serving.priority import yield_to_engine  # noqa: E402
-from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_request, to_tensors  # noqa: E402
-from maverick.tokenizer import Tokenizer  # noqa: E402
+from maverick.serving.model_dir import generation_defaults, resolve_model_dir
+from maverick.serving.priority import yield_to_engine
+from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_request, to_tensors
+from maverick.tokenizer import Tokenizer
 
 
 class TritonPythonModel:

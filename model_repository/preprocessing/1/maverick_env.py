@@ -1,0 +1,1 @@
+../../maverick_env.py
