@@ -19,11 +19,12 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.__main__ import seconds
+from loadtest.cli import seconds
 from loadtest.processes import CpuSampler
-from loadtest.record import level_windows, serve_and_load
+from loadtest.record import Load, level_windows, serve_and_load
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("engine core", "stub:maverick", "tritonserver", "stub:postprocessing", "locust")
@@ -36,12 +37,50 @@ def parse_setting(text: str) -> dict[str, str]:
     return dict(pairs)
 
 
-def measure(args, setting: dict[str, str], path: Path) -> dict:
-    rc, rc_server = serve_and_load(args, setting, str(args.users), path / "load", path / "server")
+@dataclass(frozen=True)
+class CompareSettings:
+    """The comparison as the command line asks for it."""
+
+    settings: tuple[dict[str, str], ...]  # engine overrides, one per side
+    rounds: int
+    users: int
+    load: Load
+    out: Path
+
+    @property
+    def labels(self) -> list[str]:
+        """Each setting as it is named in the reports."""
+        return [" ".join(f"{k}={v}" for k, v in s.items()) for s in self.settings]
+
+
+def parse(argv: list[str] | None = None) -> CompareSettings:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", type=parse_setting, action="append", required=True, help="key=value ...")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--users", type=int, default=32)
+    ap.add_argument("--duration", type=seconds, default=25.0)
+    ap.add_argument("--warmup", type=seconds, default=5.0)
+    ap.add_argument("--workload", default="chat")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-maverick")
+    ap.add_argument("--client-nice", type=int, default=19, help="niceness of the Locust process")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "compare")
+    args = ap.parse_args(argv)
+    if len(args.engine) < 2 or args.rounds < 1:
+        ap.error("give at least two --engine settings and one round")
+    load = Load(args.model_dir, args.workload, args.duration, args.warmup, args.client_nice)
+    return CompareSettings(tuple(args.engine), args.rounds, args.users, load, args.out)
+
+
+def measure(comparison: CompareSettings, sampler: CpuSampler, setting: dict[str, str], path: Path) -> dict:
+    """One run: a fresh server with this setting at the comparison's users; its numbers and cores."""
+    load = comparison.load
+    rc, rc_server = serve_and_load(
+        load, sampler, setting, str(comparison.users), path / "load", path / "server"
+    )
     level = json.loads((path / "load" / "summary.json").read_text())["levels"][0]
     # the CPU over the measured part of the level: after its warm-up, up to the end of its hold
-    [(_, start, end)] = level_windows(path / "load" / "records.jsonl", args.duration)
-    cores = args.sampler.cores(start + args.warmup, end)
+    [(_, start, end)] = level_windows(path / "load" / "records.jsonl", load.duration)
+    cores = sampler.cores(start + load.warmup, end)
     return {
         "exit_code": rc or rc_server,
         "output_tokens_per_s": level["output_tokens_per_s"],
@@ -76,46 +115,34 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", type=parse_setting, action="append", required=True, help="key=value ...")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--users", type=int, default=32)
-    ap.add_argument("--duration", type=seconds, default=25.0)
-    ap.add_argument("--warmup", type=seconds, default=5.0)
-    ap.add_argument("--workload", default="chat")
-    ap.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny-maverick")
-    ap.add_argument("--client-nice", type=int, default=19, help="niceness of the Locust process")
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "loadtest" / "compare")
-    args = ap.parse_args(argv)
-    if len(args.engine) < 2 or args.rounds < 1:
-        ap.error("give at least two --engine settings and one round")
-    labels = [" ".join(f"{k}={v}" for k, v in s.items()) for s in args.engine]
-    args.sampler = CpuSampler()
-    args.sampler.start()
+    comparison = parse(argv)
+    labels = comparison.labels
+    sampler = CpuSampler()
+    sampler.start()
     runs = []
     try:
-        for rnd in range(1, args.rounds + 1):
-            for i, (label, setting) in enumerate(zip(labels, args.engine, strict=True)):
+        for rnd in range(1, comparison.rounds + 1):
+            for i, (label, setting) in enumerate(zip(labels, comparison.settings, strict=True)):
                 print(f"round {rnd}: {label}", flush=True)
-                m = measure(args, setting, args.out / f"round{rnd}-setting{i + 1}")
+                m = measure(comparison, sampler, setting, comparison.out / f"round{rnd}-setting{i + 1}")
                 runs.append({"setting": label, "round": rnd, **m})
     finally:
-        args.sampler.stop()
+        sampler.stop()
     result = {
-        "users": args.users,
-        "workload": args.workload,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
+        "users": comparison.users,
+        "workload": comparison.load.workload,
+        "duration_s": comparison.load.duration,
+        "warmup_s": comparison.load.warmup,
         "runs": runs,
         "median_tokens_per_s": {
             label: statistics.median(r["output_tokens_per_s"] for r in runs if r["setting"] == label)
             for label in labels
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    comparison.out.mkdir(parents=True, exist_ok=True)
+    (comparison.out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (args.out / "compare.md").write_text(text)
+    (comparison.out / "compare.md").write_text(text)
     print(text)
     failed = [r for r in runs if r["exit_code"] != 0]
     if failed:

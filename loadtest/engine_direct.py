@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from loadtest import report, workload
-from loadtest.__main__ import seconds
+from loadtest.cli import seconds
 from server.launch import engine_parameters
 
 ROOT = Path(__file__).resolve().parents[1]

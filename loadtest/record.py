@@ -39,15 +39,33 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest import report
-from loadtest.__main__ import _cpu_name, seconds
+from loadtest.cli import seconds
+from loadtest.machine import cpu_name, gpu_name
 from loadtest.processes import CpuSampler, parse_cpus
 from server.launch import engine_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM_INTERVAL = 4  # the diagnostic server's engine stream_interval
+
+
+@dataclass(frozen=True)
+class Load:
+    """What each load-test run of a record or a comparison sends: every server gets the same."""
+
+    model_dir: Path  # the checkpoint served, and the tokenizer that counts prompt tokens
+    workload: str  # the preset's name
+    duration: float  # seconds per level
+    warmup: float  # seconds not measured at the start of each level
+    client_nice: int  # the Locust process's niceness
+
+    def loadtest_args(self) -> list[str]:
+        """`python -m loadtest`'s options for this load."""
+        return ["--duration", str(self.duration), "--warmup", str(self.warmup), "--workload", self.workload,
+                "--tokenizer", str(self.model_dir)]  # fmt: skip
 
 
 def level_windows(records: Path, hold: float) -> list[tuple[int, float, float]]:
@@ -65,46 +83,48 @@ def run(cmd: list[str], log: Path, niceness: int = 0) -> int:
         ).returncode
 
 
-def serve_and_load(args, setting: dict[str, str], levels: str, out: Path, build: Path) -> tuple[int, int]:
+def serve_and_load(
+    load: Load, sampler: CpuSampler, setting: dict[str, str], levels: str, out: Path, build: Path
+) -> tuple[int, int]:
     """A fresh tritonserver whose engine has these settings (rendered into `build`), `python -m
-    loadtest` over gRPC streaming at `levels` into `out`, then the server stopped. Returns the
-    exit codes of the load test and of the server."""
+    loadtest` over gRPC streaming at `levels` into `out`, then the server stopped; the sampler
+    follows the server's processes. Returns the exit codes of the load test and of the server."""
     from server.launch import RunningServer, ServeConfig, free_ports
 
     http, grpc, metrics = free_ports(3)
     out.mkdir(parents=True, exist_ok=True)
     build.mkdir(parents=True, exist_ok=True)
     server = RunningServer(
-        ServeConfig(args.model_dir, http, grpc, metrics, setting, build), build / "server.log"
+        ServeConfig(load.model_dir, http, grpc, metrics, setting, build), build / "server.log"
     )
-    args.sampler.roots.append(server.proc.pid)
+    sampler.roots.append(server.proc.pid)
     cmd = [sys.executable, "-m", "loadtest", "--http-port", str(http), "--grpc-port", str(grpc),
-           "--levels", levels, "--duration", str(args.duration), "--warmup", str(args.warmup),
-           "--workload", args.workload, "--tokenizer", str(args.model_dir), "--protocol", "grpc",
-           "--out", str(out)]  # fmt: skip
+           "--levels", levels, *load.loadtest_args(), "--protocol", "grpc", "--out", str(out)]  # fmt: skip
     try:
-        rc = run(cmd, out / "run.log", args.client_nice)
+        rc = run(cmd, out / "run.log", load.client_nice)
     finally:
         rc_server = server.stop()
     return rc, rc_server
 
 
-def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, Path], dict[str, int]]:
+def paired_run(
+    rec: RecordSettings, sampler: CpuSampler, out: Path, levels: str, diagnostics: bool
+) -> tuple[dict[str, Path], dict[str, int]]:
     """One paired measurement: a fresh tritonserver swept over `levels` (plus the diagnostics at
     the top level), stopped, then the same workload file on the engine directly. Returns each
     run's folder and the exit codes."""
     from server.launch import RunningServer, ServeConfig, free_ports
 
+    load = rec.load
     top = levels.split(",")[-1]
-    common = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--workload", args.workload]
-    common += ["--tokenizer", str(args.model_dir)]
+    common = load.loadtest_args()
     http, grpc, metrics = free_ports(3)
     build = out / "server"  # not build/: a `make serve` may be running from there
     build.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(args.model_dir, http, grpc, metrics, dict(args.engine), build_dir=build)
-    print(f"starting tritonserver on {args.model_dir} (HTTP {http}, gRPC {grpc})", flush=True)
+    cfg = ServeConfig(load.model_dir, http, grpc, metrics, dict(rec.engine), build_dir=build)
+    print(f"starting tritonserver on {load.model_dir} (HTTP {http}, gRPC {grpc})", flush=True)
     server = RunningServer(cfg, cfg.build_dir / "server.log")
-    args.sampler.roots = [server.proc.pid]
+    sampler.roots = [server.proc.pid]
     target = ["--http-port", str(http), "--grpc-port", str(grpc)]
     runs = {"triton grpc": (out / "triton-grpc", ["--levels", levels, "--protocol", "grpc"])}
     if diagnostics:
@@ -118,7 +138,7 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
         for name, (path, extra) in runs.items():
             path.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "loadtest", *target, *common, *extra, "--out", str(path)]
-            rcs[name] = run(cmd, path / "run.log", args.client_nice)
+            rcs[name] = run(cmd, path / "run.log", load.client_nice)
     finally:
         rcs["tritonserver"] = server.stop()
     if diagnostics:
@@ -126,24 +146,45 @@ def measure(args, out: Path, levels: str, diagnostics: bool) -> tuple[dict[str, 
         # cost is, read off the same workload with a quarter of the responses.
         name = f"triton grpc stream_interval={STREAM_INTERVAL}"
         path = out / f"triton-grpc-interval{STREAM_INTERVAL}-{top}"
-        setting = {**dict(args.engine), "stream_interval": str(STREAM_INTERVAL)}
+        setting = {**dict(rec.engine), "stream_interval": str(STREAM_INTERVAL)}
         rcs[name], rcs["tritonserver (interval)"] = serve_and_load(
-            args, setting, top, path, out / "server-interval"
+            load, sampler, setting, top, path, out / "server-interval"
         )
         runs[name] = (path, [])
     direct = out / "direct"
     direct.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "loadtest.engine_direct",
            "--workload-file", str(out / "triton-grpc" / "workload.json"), "--levels", levels,
-           "--duration", str(args.duration), "--warmup", str(args.warmup),
-           "--model-dir", str(args.model_dir), "--out", str(direct)]  # fmt: skip
-    if args.engine:
-        cmd += ["--engine", *(f"{k}={v}" for k, v in args.engine)]
+           "--duration", str(load.duration), "--warmup", str(load.warmup),
+           "--model-dir", str(load.model_dir), "--out", str(direct)]  # fmt: skip
+    if rec.engine:
+        cmd += ["--engine", *(f"{k}={v}" for k, v in rec.engine)]
     rcs["engine direct"] = run(cmd, direct / "run.log")
     return {**{n: p for n, (p, _) in runs.items()}, "engine direct": direct}, rcs
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Pinning:
+    """The engines' CPUs and everyone else's, apart (as on a GPU node with cores for the relay)."""
+
+    engine: frozenset[int]
+    others: frozenset[int]
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """The record as the command line asks for it."""
+
+    load: Load
+    levels: tuple[int, ...]  # users, in turn; the last is the top level
+    engine: tuple[tuple[str, str], ...]  # (key, value) engine settings of both sides
+    diagnostics: bool  # the top level over HTTP, stream=false and stream_interval too
+    top_repeats: int  # extra paired runs at the top level
+    pinning: Pinning | None  # None: every process on every CPU
+    out: Path
+
+
+def parse(argv: list[str] | None = None) -> RecordSettings:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default="1,2,4,8,16,32")
     ap.add_argument("--duration", type=seconds, default=25.0, help="per level")
@@ -181,80 +222,101 @@ def main(argv: list[str] | None = None) -> int:
         "where the relay has cores of its own; e.g. 0",
     )
     args = ap.parse_args(argv)
-    cpus = None
+    pinning = None
     if args.engine_cpus is not None:
         available = os.sched_getaffinity(0)
         others = available - args.engine_cpus
         if not args.engine_cpus <= available or not others:
             ap.error(f"--engine-cpus must leave CPUs for the rest (this process may use {sorted(available)})")
-        os.sched_setaffinity(0, others)  # inherited by every process started from here on
-        cpus = {"engine": sorted(args.engine_cpus), "others": sorted(others)}
-    out = args.out
+        pinning = Pinning(frozenset(args.engine_cpus), frozenset(others))
+    return RecordSettings(
+        load=Load(args.model_dir, args.workload, args.duration, args.warmup, args.client_nice),
+        levels=tuple(int(x) for x in args.levels.split(",")),
+        engine=tuple(args.engine),
+        diagnostics=args.diagnostics,
+        top_repeats=args.top_repeats,
+        pinning=pinning,
+        out=args.out,
+    )
+
+
+def measure(rec: RecordSettings) -> dict:
+    """Every paired run, the CPU sampled meanwhile; returns the record (what record.json holds)."""
+    pinning = rec.pinning
+    if pinning is not None:
+        os.sched_setaffinity(0, pinning.others)  # inherited by every process started from here on
+    out, load = rec.out, rec.load
     out.mkdir(parents=True, exist_ok=True)
-    levels = [int(x) for x in args.levels.split(",")]
-    top = levels[-1]
-    args.sampler = CpuSampler(engine_cpus=args.engine_cpus)
-    args.sampler.start()
-    paths, rcs = measure(args, out, args.levels, args.diagnostics)
+    levels = ",".join(map(str, rec.levels))
+    top = rec.levels[-1]
+    sampler = CpuSampler(engine_cpus=None if pinning is None else set(pinning.engine))
+    sampler.start()
+    paths, rcs = paired_run(rec, sampler, out, levels, rec.diagnostics)
     pairs = [(paths["triton grpc"], paths["engine direct"])]
-    for i in range(args.top_repeats):
-        extra, extra_rcs = measure(args, out / f"repeat-{i + 1}", str(top), False)
+    for i in range(rec.top_repeats):
+        extra, extra_rcs = paired_run(rec, sampler, out / f"repeat-{i + 1}", str(top), False)
         pairs.append((extra["triton grpc"], extra["engine direct"]))
         rcs.update({f"{name} (repeat {i + 1})": rc for name, rc in extra_rcs.items()})
-    args.sampler.stop()
+    sampler.stop()
 
     summaries, cpu = {}, {}
     for name, path in paths.items():
         summaries[name] = json.loads((path / "summary.json").read_text())
         cpu[name] = {
-            level: args.sampler.cores(start + args.warmup, end)
-            for level, start, end in level_windows(path / "records.jsonl", args.duration)
+            level: sampler.cores(start + load.warmup, end)
+            for level, start, end in level_windows(path / "records.jsonl", load.duration)
         }
     top_pairs = []
     for tri, dire in pairs:
         t, d = (_by_level(json.loads((p / "summary.json").read_text())).get(top) for p in (tri, dire))
         if t and d:
             top_pairs.append({"triton": t["output_tokens_per_s"], "direct": d["output_tokens_per_s"]})
-    record = {
+    cpus = None if pinning is None else {"engine": sorted(pinning.engine), "others": sorted(pinning.others)}
+    return {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
-            "gpu": _gpu_name(),
+            "gpu": gpu_name(),
             "python": platform.python_version(),
         },
-        "engine": dict(args.engine),
+        "engine": dict(rec.engine),
         "git": _git(),
-        "levels": levels,
-        "level_time_s": args.duration,
-        "warmup_s": args.warmup,
+        "levels": list(rec.levels),
+        "level_time_s": load.duration,
+        "warmup_s": load.warmup,
         "workload": summaries["triton grpc"]["workload"],
         "exit_codes": rcs,
         "summaries": summaries,
         "cpu_cores": {k: {str(lv): c for lv, c in v.items()} for k, v in cpu.items()},
         "top_level_pairs": top_pairs,
-        "client_nice": args.client_nice,
+        "client_nice": load.client_nice,
         "cpus": cpus,
-        "cpus_seen": {role: sorted(c) for role, c in args.sampler.affinity.items()} if cpus else None,
+        "cpus_seen": {role: sorted(c) for role, c in sampler.affinity.items()} if cpus else None,
     }
+
+
+def write(record: dict, out: Path) -> None:
+    """record.json, record.md (also printed) and chart.png into `out`."""
     (out / "record.json").write_text(json.dumps(record, indent=2))
     text = record_markdown(record)
     (out / "record.md").write_text(text)
+    summaries = record["summaries"]
     report.chart(
         {"Triton (gRPC stream)": summaries["triton grpc"], "engine direct": summaries["engine direct"]},
         out / "chart.png",
     )
     print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rec = parse(argv)
+    record = measure(rec)
+    write(record, rec.out)
     failed = {k: v for k, v in record["exit_codes"].items() if v != 0}
     if failed:
         print(f"FAIL: non-zero exit codes {failed}", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _git() -> str:

@@ -21,8 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # loadtest/ is a folder of scripts next to the packages, not installed
 from loadtest import report, sse, workload  # noqa: E402
-from loadtest.__main__ import levels_from, parser  # noqa: E402
 from loadtest.processes import parse_cpus  # noqa: E402
+from loadtest.run import levels_from, parser  # noqa: E402
 
 SMALL = ["--input-len", "uniform:16:64", "--output-len", "fixed:12"]
 
