@@ -24,11 +24,12 @@ help:
 	@echo "                 SERVING_NICE=0..19: the stubs' niceness above the engine process, default 10)"
 	@echo "make stop        stop it"
 	@echo "make test        lint + the whole test suite (CPU)"
-	@echo "make tiny-model  build the embedded default checkpoint into $(MODEL_DIR)"
+	@echo "make tiny-model  build the embedded default checkpoint into $(DEFAULT_MODEL)"
 	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
 	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
 	@echo "make lint | format | clean"
+	@echo "README.md: quick start and status; docs/: api, deployment, architecture, performance, validation, development"
 
 STAMP := $(if $(NGC),build/.installed-system,$(VENV)/.installed)
 $(STAMP): pyproject.toml constraints.txt

@@ -4,5 +4,5 @@ concurrency sweep, pass/fail thresholds; and the same workload run against the e
 
     python -m loadtest --help                 # run one against a running server (`make loadtest`)
     python -m loadtest.engine_direct --help   # the same workload, the engine in-process
-    python -m loadtest.record --help          # the README's performance record: both, side by side
+    python -m loadtest.record --help          # docs/performance.md's record: both, side by side
 """

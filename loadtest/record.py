@@ -1,5 +1,5 @@
-"""The README's performance record: the concurrency sweep through Triton, the same workload sent to
-the engine directly, side by side, and where the CPU goes.
+"""The performance record (docs/performance.md): the concurrency sweep through Triton, the same
+workload sent to the engine directly, side by side, and where the CPU goes.
 
     python -m loadtest.record [--levels 1,2,4,8,16,32] [--duration 25] [--warmup 5] [--workload chat]
                               [--top-repeats 2] [--model-dir models/tiny-maverick]

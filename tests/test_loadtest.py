@@ -230,7 +230,7 @@ def test_compare_takes_turns_between_engine_settings_and_reports_both(tiny_ckpt,
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning the engine apart needs 2 CPUs")
 def test_record_runs_both_sides_with_the_same_engine_settings_and_cpus(tiny_ckpt, tmp_path):
-    """The README's performance record, cut to one short level: Triton then the engine directly,
+    """The performance record (docs/performance.md), cut to one short level: Triton then the engine directly,
     each with the --engine settings (stream_interval=4: a response per 4 tokens on both sides),
     the engine processes of both sides pinned to one CPU and everything else to the others."""
     engine_cpu, *others = sorted(os.sched_getaffinity(0))

@@ -31,9 +31,8 @@ def test_which_models_batch_dynamically():
 def test_dynamic_batchers_prefetch(name):
     """Triton's batcher prefetches payloads only when its queue has no policy (PriorityQueue in
     Triton core's scheduler_utils.cc). Without prefetching it waits for a free instance on a
-    condition variable whose wake-up it can miss, for up to 500 ms: ~0.5 s TTFTs for 1-2% of the
-    requests at 4 users, gone without the policy (the queue stays bounded by the engine's
-    max_num_waiting)."""
+    condition variable whose wake-up it can miss, for up to 500 ms (docs/performance.md); without
+    the policy the queue stays bounded by the engine's max_num_waiting."""
     batching = load(name).dynamic_batching
     policy = batching.default_queue_policy
     assert batching.priority_levels == 0

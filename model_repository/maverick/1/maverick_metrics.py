@@ -5,7 +5,7 @@ are counted here and published as their Prometheus series — `<name>_bucket{le=
 (cumulative), `<name>_sum`, `<name>_count` — each a Triton counter, so `histogram_quantile()` works
 on them as on any histogram. Not `Metric.observe()` per sample: every metric call is a round trip
 to tritonserver during which the stub holds the GIL (the binding does not release it), so one call
-per token stalled the engine thread and cost streaming throughput (see the README's performance
+per token stalled the engine thread and cost streaming throughput (see docs/performance.md's
 record). A thread publishes everything every half second: a few dozen calls per period, whatever
 the load.
 """
