@@ -12,8 +12,11 @@ Two expert layouts are understood:
 - bf16 (the plain release): fused `...feed_forward.experts.gate_up_proj` [E, H, 2I] (gate columns
   first) and `...experts.down_proj` [E, I, H].
 Both land in the model's stacked w13 [E, 2I, H] / w2 [E, H, I], kept in FP8 (run through
-`_scaled_mm`) or turned into the compute dtype. Each parameter's `tp_dim` says how a
-tensor-parallel rank slices it (`tp_rank`/`tp_size`).
+`_scaled_mm`) or turned into the compute dtype.
+
+Tensor parallel: a rank reads only its piece of each tensor from the file (safetensors slices;
+each parameter's `Shard` says which piece), so no rank materialises more than its shard plus the
+piece being copied. The vision tower's tensors are skipped on the ranks that have none.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from maverick.config import ModelConfig
 from maverick.layers.fp8 import FP8_DTYPE, dequantize, fp8_supported, quantize_rowwise
 from maverick.layers.linear import MergedColumnLinear
 from maverick.layers.moe import RoutedExperts
-from maverick.layers.parallel import tp_slice
+from maverick.layers.parallel import SINGLE, Shard, TensorParallel, shard_of
 from maverick.models.llama4 import Llama4Model
 
 ExpertMode = Literal["auto", "fp8", "dequant"]
@@ -39,6 +42,7 @@ ExpertMode = Literal["auto", "fp8", "dequant"]
 _UNFUSED = re.compile(r"^(.*\.feed_forward\.experts)\.(\d+)\.(gate|up|down)_proj\.(weight|weight_scale)$")
 _FUSED = re.compile(r"^(.*\.feed_forward\.experts)\.(gate_up_proj|down_proj)$")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
 class CheckpointError(ValueError):
@@ -69,10 +73,27 @@ class _ExpertParts:
     scale: torch.Tensor | None = None
 
 
-def plain_targets(model: Llama4Model) -> dict[str, tuple[torch.Tensor, int | None]]:
-    """Checkpoint name -> (where it goes in the model, its tensor-parallel dim), for every tensor
+def _read(tensor, shard: Shard | None) -> torch.Tensor:
+    """The rank's piece of a safetensors slice (or tensor), read from the file only in part."""
+    return tensor[:] if shard is None else shard.take(tensor)
+
+
+def _full_shape(tensor) -> list[int]:
+    return list(tensor.shape) if isinstance(tensor, torch.Tensor) else list(tensor.get_shape())
+
+
+def param_shards(model: Llama4Model) -> dict[str, Shard | None]:
+    """Each parameter's piece on this rank, read while the model is on the meta device (moving it
+    makes new parameter objects, without the annotation)."""
+    return {name: shard_of(p) for name, p in model.state_dict(keep_vars=True).items()}
+
+
+def plain_targets(
+    model: Llama4Model, shards: dict[str, Shard | None]
+) -> dict[str, tuple[torch.Tensor, Shard | None]]:
+    """Checkpoint name -> (where it goes in the model, the rank's piece of it), for every tensor
     but the routed experts. Merged projections (qkv, gate_up) take their parts' names and rows."""
-    targets: dict[str, tuple[torch.Tensor, int | None]] = {}
+    targets: dict[str, tuple[torch.Tensor, Shard | None]] = {}
     merged = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, MergedColumnLinear)}
     for name, param in model.state_dict(keep_vars=True).items():
         if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), RoutedExperts):
@@ -80,36 +101,37 @@ def plain_targets(model: Llama4Model) -> dict[str, tuple[torch.Tensor, int | Non
         if name in merged:
             parent = name.rsplit(".", 2)[0]
             for part in merged[name].parts:
-                targets[f"{parent}.{part}.weight"] = (param.data[merged[name].part_rows(part)], 0)
+                rows = merged[name].part_rows(part)
+                targets[f"{parent}.{part}.weight"] = (param.data[rows], merged[name].part_shards[part])
         else:
-            targets[name] = (param.data, getattr(param, "tp_dim", None))
+            targets[name] = (param.data, shards[name])
     return targets
 
 
 class _Loader:
-    def __init__(self, model: Llama4Model, tp_rank: int, tp_size: int, quantize_experts: bool):
+    def __init__(self, model: Llama4Model, shards: dict[str, Shard | None], quantize_experts: bool):
         self.model = model
-        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.quantize_experts = quantize_experts  # bf16 checkpoint experts -> FP8 at load
-        self.params = plain_targets(model)
+        self.params = plain_targets(model, shards)
         self.filled: set[str] = set()  # plain tensors, and "{experts}.{e}.{gate|up|down}" parts
         self.pending: dict[str, _ExpertParts] = {}
         self.cfg = model.config.text
 
     # -- plain tensors -------------------------------------------------------------------------
-    def load_plain(self, name: str, t: torch.Tensor) -> None:
+    def load_plain(self, name: str, sl) -> None:
         if name in self.filled:
             raise CheckpointError(f"tensor '{name}' appears twice in the checkpoint")
         if name not in self.params:
             raise CheckpointError(f"unexpected tensor '{name}' (the model has no such parameter)")
-        param, tp_dim = self.params[name]
+        param, shard = self.params[name]
+        want = list(param.shape) if shard is None else list(shard.full_shape(tuple(param.shape)))
+        if _full_shape(sl) != want:
+            raise CheckpointError(f"tensor '{name}' has shape {_full_shape(sl)}, expected {want}")
+        t = _read(sl, shard)
         if t.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(
                 f"tensor '{name}' has dtype {t.dtype}; only routed experts may be {FP8_DTYPE}"
             )
-        t = tp_slice(t, tp_dim, self.tp_rank, self.tp_size)
-        if tuple(t.shape) != tuple(param.shape):
-            raise CheckpointError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(param.shape)}")
         with torch.no_grad():
             param.copy_(t)
         self.filled.add(name)
@@ -150,10 +172,16 @@ class _Loader:
             else:
                 target[e, rows].copy_(dequantize(w, scale, target.dtype) if scale is not None else w)
 
-    def load_unfused(self, m: re.Match, name: str, t: torch.Tensor) -> None:
+    def load_unfused(self, m: re.Match, name: str, sl) -> None:
         prefix, e, proj, kind = m.group(1), int(m.group(2)), m.group(3), m.group(4)
         experts = self._experts(prefix, name)
         key = f"{prefix}.{e}.{proj}"
+        # gate/up are column parallel (their rows, and the rows' scales); down is row parallel
+        # (its columns; each output row keeps its whole scale)
+        dim = 1 if (proj == "down" and kind == "weight") else (None if proj == "down" else 0)
+        if dim is not None and len(_full_shape(sl)) != 2:
+            raise CheckpointError(f"tensor '{name}' must be 2-D, got shape {_full_shape(sl)}")
+        t = _read(sl, None if dim is None else experts.tp.shard(dim))
         if kind == "weight" and t.dtype != FP8_DTYPE:
             raise CheckpointError(f"tensor '{name}' has dtype {t.dtype}, expected {FP8_DTYPE}")
         if kind == "weight_scale":
@@ -162,9 +190,6 @@ class _Loader:
                     f"tensor '{name}' must be a float [out, 1] per-row scale, got {t.dtype} {list(t.shape)}"
                 )
             t = t.float()
-        # gate/up are column parallel (slice output rows, and their scales); down is row parallel.
-        dim = 1 if (proj == "down" and kind == "weight") else (None if proj == "down" else 0)
-        t = tp_slice(t, dim, self.tp_rank, self.tp_size)
         parts = self.pending.setdefault(key, _ExpertParts())
         if getattr(parts, "weight" if kind == "weight" else "scale") is not None:
             raise CheckpointError(f"tensor '{name}' appears twice in the checkpoint")
@@ -174,29 +199,30 @@ class _Loader:
             del self.pending[key]
             self.filled.add(key)
 
-    def load_fused(self, m: re.Match, name: str, t: torch.Tensor) -> None:
+    def load_fused(self, m: re.Match, name: str, sl) -> None:
         prefix, which = m.group(1), m.group(2)
         experts = self._experts(prefix, name)
-        if t.dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"tensor '{name}' has dtype {t.dtype}, expected a float dtype")
         E, H, inter_all = experts.num_experts, self.cfg.hidden_size, self.cfg.intermediate_size
-        want = (E, H, 2 * inter_all) if which == "gate_up_proj" else (E, inter_all, H)
-        if tuple(t.shape) != want:
-            raise CheckpointError(f"tensor '{name}' has shape {list(t.shape)}, expected {list(want)}")
-        for e in range(E):
-            if which == "gate_up_proj":
-                gate, up = t[e].t().chunk(2, dim=0)  # each [I, H]
-                for proj, w in (("gate", gate), ("up", up)):
-                    w = tp_slice(w, 0, self.tp_rank, self.tp_size)
-                    self._store_expert(experts, e, proj, w, None, name)
-                    self.filled.add(f"{prefix}.{e}.{proj}")
-            else:
-                w = tp_slice(t[e].t(), 1, self.tp_rank, self.tp_size)  # [H, I]
-                self._store_expert(experts, e, "down", w, None, name)
-                self.filled.add(f"{prefix}.{e}.down")
+        want = [E, H, 2 * inter_all] if which == "gate_up_proj" else [E, inter_all, H]
+        if _full_shape(sl) != want:
+            raise CheckpointError(f"tensor '{name}' has shape {_full_shape(sl)}, expected {want}")
+        a, b = (0, inter_all) if experts.tp.size == 1 else experts.tp.shard(0).bounds(inter_all)
+        if which == "gate_up_proj":  # [E, H, 2I], gate columns first: this rank's of each half
+            parts = {"gate": sl[:, :, a:b], "up": sl[:, :, inter_all + a : inter_all + b]}
+        else:  # [E, I, H]: this rank's rows
+            parts = {"down": sl[:, a:b, :]}
+        for proj, t in parts.items():
+            if t.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"tensor '{name}' has dtype {t.dtype}, expected a float dtype")
+            for e in range(E):
+                self._store_expert(experts, e, proj, t[e].t(), None, name)  # [out, in]
+                self.filled.add(f"{prefix}.{e}.{proj}")
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def load(self, name: str, t: torch.Tensor) -> None:
+    def load(self, name: str, t) -> None:
+        """t: a safetensors slice (or a tensor): only this rank's piece of it is read."""
+        if not self.model.has_vision and name.startswith(_VISION_PREFIXES):
+            return  # rank 0 encodes the images
         if m := _UNFUSED.match(name):
             self.load_unfused(m, name, t)
         elif m := _FUSED.match(name):
@@ -230,8 +256,7 @@ def load_model(
     device: str | torch.device = "cpu",
     experts: ExpertMode = "auto",
     quantize_experts: bool = False,
-    tp_rank: int = 0,
-    tp_size: int = 1,
+    tp: TensorParallel = SINGLE,
 ) -> Llama4Model:
     """Build `Llama4Model` for `path` and fill it strictly from its safetensors.
 
@@ -239,12 +264,10 @@ def load_model(
     "auto" picks fp8 where the device has FP8 GEMMs (CUDA, compute capability 8.9+) and dequant
     elsewhere: the CPU runs `_scaled_mm` (so "fp8" works there, for tests), but several times
     slower than a float matmul. `quantize_experts` quantizes a bf16 checkpoint's experts to FP8
-    at load.
+    at load. `tp`: this rank's place in a tensor-parallel group; it builds and reads its shard.
     """
     path, device = Path(path), torch.device(device)
     config = ModelConfig.from_dir(path)
-    if tp_size != 1:
-        raise NotImplementedError("tensor-parallel model construction lands with the multi-GPU work")
     if experts == "fp8" and not fp8_supported(device):
         raise CheckpointError(
             f"FP8 experts need a GPU of compute capability 8.9+ or the CPU; {device} has none"
@@ -254,12 +277,13 @@ def load_model(
         experts == "fp8" or (experts == "auto" and fp8_native)
     )
     with torch.device("meta"):
-        model = Llama4Model(config, dtype=dtype, fp8_experts=fp8)
+        model = Llama4Model(config, dtype=dtype, fp8_experts=fp8, tp=tp)
+    shards = param_shards(model)
     model.to_empty(device=device)
-    loader = _Loader(model, tp_rank, tp_size, quantize_experts)
+    loader = _Loader(model, shards, quantize_experts)
     for file in checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                loader.load(name, f.get_tensor(name))
+                loader.load(name, f.get_slice(name))
     loader.check_complete()
     return model.eval()

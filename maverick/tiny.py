@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from maverick.checkpoint import plain_targets
+from maverick.checkpoint import param_shards, plain_targets
 from maverick.config import ModelConfig
 from maverick.image import image_processor_config
 from maverick.layers.fp8 import quantize_rowwise
@@ -169,7 +169,7 @@ def build_weights(config: dict, seed: int, bf16: bool) -> dict[str, torch.Tensor
             ModelConfig.from_dict({k: v for k, v in config.items() if k != "quantization_config"})
         )
     tensors: dict[str, torch.Tensor] = {}
-    for name, (target, _) in plain_targets(model).items():
+    for name, (target, _) in plain_targets(model, param_shards(model)).items():
         tensors[name] = _init(name, tuple(target.shape), g).to(torch.bfloat16)
     for prefix, experts in model.named_modules():
         if not isinstance(experts, RoutedExperts):

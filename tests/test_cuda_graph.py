@@ -4,8 +4,6 @@ that fit the largest bucket) or the reference path (prefill, mixed, too many seq
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -65,7 +63,7 @@ class RecordingModel:
 
     def __init__(self):
         self.device = torch.device("cpu")
-        self.config = SimpleNamespace(text=SimpleNamespace(num_key_value_heads=2))
+        self.num_kv_heads = 2  # on this rank
         self.calls: list[dict] = []
 
     def __call__(self, input_ids, positions, meta, kv_caches):

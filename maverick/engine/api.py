@@ -92,7 +92,11 @@ MoEPath = Literal["reference", "kernel"]
 class EngineConfig:
     model_dir: str
     dtype: str = "bfloat16"
+    # "cpu" or "cuda:K"; with tensor_parallel_size T > 1 on CUDA, rank r runs on cuda:K+r.
     device: str = "cpu"
+    # Ranks the model is split over (heads, expert and MLP intermediate rows, vocabulary); rank 0
+    # is this engine's process, ranks 1..T-1 processes it spawns (NCCL on CUDA, gloo on the CPU).
+    tensor_parallel_size: int = 1
     experts: ExpertMode = "auto"
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_bytes (CPU) or gpu_memory_utilization (CUDA)
@@ -120,6 +124,8 @@ class EngineConfig:
             raise ValueError("block_size and num_kv_blocks must be positive")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
         if self.stream_interval < 1:
             raise ValueError("stream_interval must be at least 1")
         if self.cpu_threads is not None and self.cpu_threads < 1:

@@ -117,7 +117,7 @@ class CudaGraphRunner:
         self.device = model.device
         self.buckets = batch_buckets(max_batch_size)
         self.scratch_slot = scratch_slot
-        num_kv_heads = model.config.text.num_key_value_heads
+        num_kv_heads = model.num_kv_heads  # this rank's
         self.num_splits = {b: decode_splits(b, num_kv_heads, self.device) for b in self.buckets}
         B, dev = self.buckets[-1], self.device
         # Static inputs for the largest bucket; a bucket of b rows reads their first b rows.

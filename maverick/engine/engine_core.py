@@ -22,9 +22,11 @@ client to pass on as "shutdown".
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 import sys
+import threading
 from multiprocessing.connection import Connection
 
 from maverick.engine.api import RequestOutput
@@ -35,8 +37,13 @@ from maverick.engine.stream_policy import Coalescer
 log = logging.getLogger("maverick.engine_core")
 
 
+_send_lock = threading.Lock()  # the loop and a tensor-parallel watchdog both report
+
+
 def send(conn: Connection, message: tuple) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    with _send_lock:
+        conn.send_bytes(payload)
 
 
 def recv(conn: Connection) -> tuple:
@@ -89,13 +96,16 @@ def main(argv: list[str]) -> int:
         if kind != "config":
             raise ValueError(f"expected the config first, got {kind!r}")
         try:
-            engine = LLMEngine(config)
+            engine = LLMEngine(config, on_rank_failure=lambda reason: _rank_failed(conn, reason))
         except Exception as e:  # noqa: BLE001 - reported to the client, which raises it
             log.exception("engine failed to start")
             send(conn, ("failed", f"{type(e).__name__}: {e}"))
             return 1
         send(conn, ("ready", {"max_model_len": engine.max_model_len, "stats": engine.stats()}))
-        run(conn, engine)
+        try:
+            run(conn, engine)
+        finally:
+            engine.close()
         return 0
     except (EOFError, OSError):
         return 0  # the client is gone: nothing to serve
@@ -106,6 +116,17 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
         return 1
+
+
+def _rank_failed(conn: Connection, reason: str) -> None:
+    """A tensor-parallel rank stopped (from the watchdog thread): tell the client, and exit at once,
+    as the other ranks may be blocked in a collective that will never complete."""
+    log.error("%s: the engine stops", reason)
+    try:
+        send(conn, ("died", reason))
+    except OSError:
+        pass
+    os._exit(1)
 
 
 if __name__ == "__main__":

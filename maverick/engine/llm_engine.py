@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from maverick.checkpoint import load_model
 from maverick.config import ModelConfig
@@ -23,10 +25,12 @@ from maverick.engine.block_manager import BlockManager
 from maverick.engine.errors import RequestError
 from maverick.engine.execution import resolve_modes
 from maverick.engine.model_runner import ModelRunner
+from maverick.engine.parallel import TensorParallelRanks, join_group, rank_device
 from maverick.engine.sampler import SamplingState, sample
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
 from maverick.engine.sequence import FinishReason, Sequence
 from maverick.engine.stop import StopStringMatcher
+from maverick.layers.parallel import SINGLE, TensorParallel
 from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,17 +58,37 @@ class _Stream:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, on_rank_failure: Callable[[str], None] | None = None):
+        """on_rank_failure(reason): called from a watchdog thread when a tensor-parallel rank
+        stops; by default the next step raises. The engine process exits instead (engine_core)."""
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = rank_device(config, 0)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process
         head_dim = ModelConfig.from_dir(config.model_dir).text.head_dim  # decided before the weights load
         self.modes = resolve_modes(
             config.decode_path, config.moe_path, self.device, config.block_size, head_dim
         )
+        self.rank_failure: str | None = None
+        self.ranks: TensorParallelRanks | None = None
+        tp = SINGLE
+        if config.tensor_parallel_size > 1:
+            self.ranks = TensorParallelRanks(config, on_rank_failure or self._rank_failed)
+            try:
+                tp = join_group(config, 0, self.ranks.store_path)
+            except BaseException:
+                self.ranks.shutdown()
+                raise
+        try:
+            self._start(tp)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, tp: TensorParallel) -> None:
+        config = self.config
         self.model = load_model(
-            config.model_dir, dtype=DTYPES[config.dtype], device=self.device, experts=config.experts
+            config.model_dir, dtype=DTYPES[config.dtype], device=self.device, experts=config.experts, tp=tp
         )
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         mcfg = self.model.config
@@ -72,14 +96,18 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or mcfg.text.max_position_embeddings, mcfg.text.max_position_embeddings
         )
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks,
-            config.block_size,
+        setup = dict(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
             modes=self.modes,
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
+        if self.ranks is not None:
+            self.ranks.send(("setup", setup))  # the ranks build their runners (and graphs) with ours
+        self.runner = ModelRunner(self.model, **setup, peers=self.ranks)
+        if self.ranks is not None:
+            self.ranks.wait_ready()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
@@ -91,6 +119,16 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self._token_marks: deque[tuple[float, int]] = deque()  # (time, generated total) after recent steps
+
+    def _rank_failed(self, reason: str) -> None:
+        self.rank_failure = reason
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one)."""
+        if self.ranks is not None:
+            self.ranks.shutdown()
+            self.ranks = None
+            dist.destroy_process_group()
 
     def _num_kv_blocks(self) -> int:
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size)
@@ -200,6 +238,8 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.rank_failure is not None:
+            raise RuntimeError(self.rank_failure)
         sched = self.scheduler.schedule()
         outputs = [self._finish_output(s, [], self._flush(s)) for s in sched.out_of_memory]
         if sched.is_empty:
@@ -211,6 +251,8 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(seq)
             sampled = sample(logits, [s.sampling for s in sample_seqs])
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
+            if self.ranks is not None:
+                raise  # the other ranks may wait in a collective of this step: the engine is done
             log.exception("engine step failed")
             for seq in list(sched.seqs):
                 self.scheduler.finish(seq, FinishReason.ERROR)

@@ -16,7 +16,9 @@ rows of a fixed-shape batch write their K/V.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,14 +32,55 @@ from maverick.models.llama4 import Llama4Model
 
 
 @dataclass
-class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    image_embeds: torch.Tensor | None  # [P, hidden] for the prompt <|patch|> tokens of input_ids, in order
-    image_mask: torch.Tensor | None  # [T] bool: where those P rows go
-    sample_indices: torch.Tensor  # [N]: rows of the flat batch whose logits are sampled
-    sample_seqs: list[Sequence]  # the N sequences that reach their last token this step
+class ForwardStep:
+    """One reference-path step as the host planned it: what every tensor-parallel rank runs (rank 0
+    sends it to the others), with no sequence state."""
+
+    input_ids: torch.Tensor  # [T] int64, host
+    positions: torch.Tensor  # [T] int64, host
+    slot_mapping: torch.Tensor  # [T] int64, host: cache slot for each new token
+    block_tables: np.ndarray  # [S, max_blocks] int32
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_size: int
+    image_embeds: (
+        torch.Tensor | None
+    )  # [P, hidden] for the prompt <|patch|> tokens, in order (rank 0's device)
+    image_mask: np.ndarray | None  # [T] bool: where those P rows go
+    sample_indices: torch.Tensor  # [N] int64, host: rows of the flat batch whose logits are sampled
+
+    def for_peers(self) -> ForwardStep:
+        """The same step with its image rows on the host, to pickle for the other ranks."""
+        if self.image_embeds is None or self.image_embeds.device.type == "cpu":
+            return self
+        return dataclasses.replace(self, image_embeds=self.image_embeds.cpu())
+
+    def run(self, model: Llama4Model, kv_caches: list) -> torch.Tensor:
+        """The forward on this rank's shard; fp32 logits [N, vocab] of the sampled rows."""
+        dev = model.device
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping.to(dev),
+            block_tables=torch.from_numpy(self.block_tables).to(dev),
+            query_lens=self.query_lens,
+            seq_lens=self.seq_lens,
+            block_size=self.block_size,
+            host_block_tables=self.block_tables,
+        )
+        hidden = model(
+            self.input_ids.to(dev),
+            self.positions.to(dev),
+            meta,
+            kv_caches,
+            None if self.image_embeds is None else self.image_embeds.to(dev),
+            None if self.image_mask is None else torch.from_numpy(self.image_mask).to(dev),
+        )
+        return model.compute_logits(hidden[self.sample_indices.to(dev)])
+
+
+class Peers(Protocol):
+    """The other tensor-parallel ranks of this engine, as rank 0 drives them (engine/parallel.py)."""
+
+    def send(self, message: tuple) -> None: ...
 
 
 class ModelRunner:
@@ -51,8 +94,10 @@ class ModelRunner:
         modes: ExecutionModes = REFERENCE,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
+        peers: Peers | None = None,
     ):
         self.model = model
+        self.peers = peers  # rank 0 of a tensor-parallel engine: each step goes to them first
         self.device = model.device
         self.block_size = block_size
         self.num_blocks = num_blocks  # the block manager's; block `num_blocks` is the scratch block
@@ -78,11 +123,12 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model: Llama4Model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
-        cfg = model.config.text
+        cfg = model.config.text  # this rank's KV heads
         itemsize = (kv_dtype or model.dtype).itemsize
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        return 2 * cfg.num_hidden_layers * block_size * model.num_kv_heads * cfg.head_dim * itemsize
 
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput) -> tuple[ForwardStep, list[Sequence]]:
+        """The step's host-side inputs, and the sequences that sample (reach their last token)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -118,43 +164,31 @@ class ModelRunner:
             image_mask = np.zeros(len(ids), dtype=bool)
             for first, mask in patch_spans:
                 image_mask[first : first + len(mask)] = mask
-        tables = _block_tables(sched.seqs)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.from_numpy(tables).to(dev),
+        step = ForwardStep(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            block_tables=_block_tables(sched.seqs),
             query_lens=list(sched.num_new_tokens),
             seq_lens=seq_lens,
             block_size=bs,
-            host_block_tables=tables,
-        )
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            meta=meta,
             image_embeds=torch.cat(image_rows) if image_rows else None,
-            image_mask=torch.from_numpy(image_mask).to(dev) if image_mask is not None else None,
-            sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            sample_seqs=sample_seqs,
+            image_mask=image_mask,
+            sample_indices=torch.tensor(sample_rows, dtype=torch.long),
         )
+        return step, sample_seqs
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step. Returns fp32 logits [N, vocab] for the sequences that sample, and those sequences."""
         if self.decode_runner is not None and self.is_fixed_shape_decode(sched):
             return self._execute_decode(sched)
         self.num_reference_steps += 1
-        inputs = self.prepare(sched)
-        hidden = self.model(
-            inputs.input_ids,
-            inputs.positions,
-            inputs.meta,
-            self.kv_caches,
-            inputs.image_embeds,
-            inputs.image_mask,
-        )
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        step, sample_seqs = self.prepare(sched)
+        if self.peers is not None:
+            self.peers.send(("forward", step.for_peers()))
+        logits = step.run(self.model, self.kv_caches)
         self._drop_finished_images(sched)
-        return logits, inputs.sample_seqs
+        return logits, sample_seqs
 
     # -- fixed-shape decode --------------------------------------------------------------------------
     def is_fixed_shape_decode(self, sched: SchedulerOutput) -> bool:
@@ -184,7 +218,10 @@ class ModelRunner:
 
     def _execute_decode(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         self.num_fixed_shape_steps += 1
-        logits = self.decode_runner.run(self.prepare_decode(sched))  # [n, vocab]
+        batch = self.prepare_decode(sched)
+        if self.peers is not None:
+            self.peers.send(("decode", batch))
+        logits = self.decode_runner.run(batch)  # [n, vocab]
         # A one-token prefill chunk that is not the prompt's last token does not sample.
         rows = [i for i, seq in enumerate(sched.seqs) if seq.num_computed_tokens + 1 == seq.num_tokens]
         self._drop_finished_images(sched)

@@ -13,9 +13,12 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
 _MIN_SCALE = 1e-12  # an all-zero row still gets a finite scale
 
 
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, cols] float -> (x_fp8 [rows, cols], scale [rows, 1] fp32) with x ≈ x_fp8 * scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float()
+def quantize_rowwise(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, cols] float -> (x_fp8 [rows, cols], scale [rows, 1] fp32) with x ≈ x_fp8 * scale.
+    amax [rows, 1] fp32: each row's largest magnitude, when it is known to be another (the whole
+    row's, of which x holds this tensor-parallel rank's columns); by default x's own."""
+    if amax is None:
+        amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
     x_fp8 = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_fp8, scale
@@ -28,12 +31,15 @@ def dequantize(w_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
     return (w_fp8.float() * scale.float()).to(dtype)
 
 
-def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """y = x @ w.T with x quantized per token. x [tokens, in]; w_fp8 [out, in]; w_scale [out] fp32.
+def fp8_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_amax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ w.T with x quantized per token. x [tokens, in]; w_fp8 [out, in]; w_scale [out] fp32;
+    x_amax [tokens, 1]: the tokens' scale basis when not x's own (see quantize_rowwise).
 
     Returns [tokens, out] in x's dtype (the matmul itself outputs bf16, as on the GPU).
     """
-    x_fp8, x_scale = quantize_rowwise(x)  # [tokens, in], [tokens, 1]
+    x_fp8, x_scale = quantize_rowwise(x, x_amax)  # [tokens, in], [tokens, 1]
     y = torch._scaled_mm(
         x_fp8,
         w_fp8.t(),  # column-major [in, out], as _scaled_mm wants its second operand

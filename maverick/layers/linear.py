@@ -2,23 +2,24 @@
 
 `MergedColumnLinear` holds q/k/v (or gate/up) stacked along the output rows: one GEMM instead of
 three (or two) per layer. The checkpoint keeps `q_proj`, `k_proj`, ...; the loader fills each
-part's rows (`part_rows`), slicing each part for its tensor-parallel rank first, so a rank's
+part's rows (`part_rows`) with the part's tensor-parallel piece (`part_shards`), so a rank's
 weight is [q_rank; k_rank; v_rank].
 """
 
 import torch
 from torch import nn
 
-from maverick.layers.parallel import set_tp_dim
+from maverick.layers.parallel import Shard
 
 
 class MergedColumnLinear(nn.Linear):
-    def __init__(self, in_features: int, parts: dict[str, int], dtype: torch.dtype):
-        """parts: checkpoint module name -> its output rows (on this rank), in stacking order."""
-        super().__init__(in_features, sum(parts.values()), bias=False, dtype=dtype)
-        self.parts = dict(parts)
-        self.part_sizes = list(parts.values())
-        set_tp_dim(self.weight, 0)
+    def __init__(self, in_features: int, parts: dict[str, tuple[int, Shard | None]], dtype: torch.dtype):
+        """parts: checkpoint module name -> (its output rows on this rank, the rank's piece of the
+        checkpoint tensor or None when whole), in stacking order."""
+        super().__init__(in_features, sum(rows for rows, _ in parts.values()), bias=False, dtype=dtype)
+        self.parts = {name: rows for name, (rows, _) in parts.items()}
+        self.part_shards = {name: shard for name, (_, shard) in parts.items()}
+        self.part_sizes = list(self.parts.values())
 
     def part_rows(self, name: str) -> slice:
         start = 0

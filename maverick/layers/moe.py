@@ -12,6 +12,8 @@ expert on the host, any batch, any device), and a fixed-shape Triton kernel for 
 dequantised on the fly and the activations are *not* quantised, unlike the eager FP8 path).
 """
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,40 +21,38 @@ from torch import nn
 from maverick.kernels.moe import fused_moe
 from maverick.layers.fp8 import FP8_DTYPE, fp8_linear
 from maverick.layers.mlp import MLP
-from maverick.layers.parallel import set_tp_dim
+from maverick.layers.parallel import SINGLE, TensorParallel
 
 
 class RoutedExperts(nn.Module):
+    """Every expert on every rank, each rank holding a slice of every expert's intermediate rows
+    (gate/up rows, down columns; at TP 8 Maverick's 128 × 5120 × 1024). Not whole experts per rank:
+    with top-1 routing over 128 experts a step's tokens land unevenly, so an expert-parallel rank
+    that drew the busy experts would hold up the others, and tokens would have to travel between
+    ranks; split by the intermediate dimension, every rank does the same work for every token and
+    the partial outputs join the shared expert's in the layer's one all-reduce."""
+
     def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype, fp8: bool
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        fp8: bool,
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
         self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
+        self.tp = tp  # the loader slices each expert's projections for this rank (checkpoint.py)
+        self.intermediate_size = tp.divide(intermediate_size, "intermediate_size")  # on this rank
         self.fp8 = fp8
         wdtype = FP8_DTYPE if fp8 else dtype
-        E, H, inter = num_experts, hidden_size, intermediate_size
+        E, H, inter = num_experts, hidden_size, self.intermediate_size
         self.w13 = nn.Parameter(torch.empty(E, 2 * inter, H, dtype=wdtype), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, H, inter, dtype=wdtype), requires_grad=False)
-        set_tp_dim(
-            self.w13, 1
-        )  # gate and up rows are each split per rank (the loader slices before stacking)
-        set_tp_dim(self.w2, 2)
         if fp8:
             self.w13_scale = nn.Parameter(torch.empty(E, 2 * inter, dtype=torch.float32), requires_grad=False)
             self.w2_scale = nn.Parameter(torch.empty(E, H, dtype=torch.float32), requires_grad=False)
-            set_tp_dim(self.w13_scale, 1)
-
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
-        if self.fp8:
-            gate_up = fp8_linear(x, self.w13[e], self.w13_scale[e])  # [n, 2I]
-        else:
-            gate_up = x @ self.w13[e].t()
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = F.silu(gate) * up  # [n, I]
-        if self.fp8:
-            return fp8_linear(h, self.w2[e], self.w2_scale[e])
-        return h @ self.w2[e].t()
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H] (already scaled by the router); expert_ids [T] -> [T, H].
@@ -62,15 +62,20 @@ class RoutedExperts(nn.Module):
         """
         if not self.fp8:
             return self._batched(x, expert_ids)
-        out = torch.zeros_like(x)
         order = torch.argsort(expert_ids, stable=True)
         counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = order[start : start + n]
-                out[rows] = self.expert(e, x[rows])
-                start += n
+        ends = list(accumulate(counts))  # expert e's tokens: order[ends[e] - counts[e] : ends[e]]
+        groups = [(e, order[ends[e] - n : ends[e]]) for e, n in enumerate(counts) if n]
+        h = x.new_empty(x.shape[0], self.intermediate_size)  # [T, I] (this rank's columns)
+        for e, rows in groups:
+            gate, up = fp8_linear(x[rows], self.w13[e], self.w13_scale[e]).chunk(2, dim=-1)
+            h[rows] = F.silu(gate) * up
+        # Each token's activation scale for the down projection from its whole row of h, as on
+        # one rank: ranks that each scaled their own columns would round differently.
+        amax = self.tp.all_reduce_max(h.abs().amax(dim=-1, keepdim=True).float())  # [T, 1]
+        out = torch.zeros_like(x)
+        for e, rows in groups:
+            out[rows] = fp8_linear(h[rows], self.w2[e], self.w2_scale[e], amax[rows])
         return out
 
     def forward_fixed_shape(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -112,13 +117,24 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
+    """Router replicated on every rank (each routes the same tokens the same way); routed and
+    shared experts split by their intermediate dimension, their partial outputs summed over ranks
+    once."""
+
     def __init__(
-        self, hidden_size: int, intermediate_size: int, num_experts: int, dtype: torch.dtype, fp8: bool
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        dtype: torch.dtype,
+        fp8: bool,
+        tp: TensorParallel = SINGLE,
     ):
         super().__init__()
+        self.tp = tp
         self.router = Router(hidden_size, num_experts, dtype)
-        self.experts = RoutedExperts(num_experts, hidden_size, intermediate_size, dtype, fp8)
-        self.shared_expert = MLP(hidden_size, intermediate_size, dtype)
+        self.experts = RoutedExperts(num_experts, hidden_size, intermediate_size, dtype, fp8, tp)
+        self.shared_expert = MLP(hidden_size, intermediate_size, dtype, tp, reduce=False)
         # The routed experts of every step (prefill and mixed too) through the fused kernel rather
         # than the grouped reference; set by Llama4Model.use_moe_kernel.
         self.kernel = False
@@ -136,4 +152,4 @@ class MoE(nn.Module):
             routed = self.experts.forward_fixed_shape(x * scores[:, None], expert_ids)
         else:
             routed = self.experts(x * scores[:, None], expert_ids)
-        return self.shared_expert(x) + routed
+        return self.tp.all_reduce(self.shared_expert(x) + routed)

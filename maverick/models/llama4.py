@@ -28,7 +28,7 @@ from maverick.layers.linear import MergedColumnLinear
 from maverick.layers.mlp import MLP
 from maverick.layers.moe import MoE
 from maverick.layers.norm import RMSNorm
-from maverick.layers.parallel import set_tp_dim
+from maverick.layers.parallel import SINGLE, TensorParallel, set_shard
 from maverick.layers.rope import PositionTables, apply_rope
 from maverick.models.vision import MultiModalProjector, VisionModel
 
@@ -38,10 +38,14 @@ KVCache = tuple[
 
 
 class TextAttention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int, dtype: torch.dtype):
+    """Tensor parallel by heads: this rank's query heads and the KV heads they attend with (its
+    KV cache holds only those); o_proj row parallel, summed over ranks."""
+
+    def __init__(self, cfg: TextConfig, layer: int, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = tp
+        self.num_heads = tp.divide(cfg.num_attention_heads, "num_attention_heads")  # on this rank
+        self.num_kv_heads, kv_shard = tp.kv_heads(cfg.num_key_value_heads, cfg.num_attention_heads)
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.use_rope = cfg.uses_rope(layer)
@@ -52,11 +56,15 @@ class TextAttention(nn.Module):
         # q, k, v in one GEMM (checkpoint: q_proj, k_proj, v_proj), column parallel
         self.qkv_proj = MergedColumnLinear(
             H,
-            {"q_proj": self.num_heads * D, "k_proj": self.num_kv_heads * D, "v_proj": self.num_kv_heads * D},
+            {
+                "q_proj": (self.num_heads * D, tp.shard(0)),
+                "k_proj": (self.num_kv_heads * D, kv_shard),
+                "v_proj": (self.num_kv_heads * D, kv_shard),
+            },
             dtype,
         )
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=False, dtype=dtype)
-        set_tp_dim(self.o_proj.weight, 1)
+        set_shard(self.o_proj.weight, tp.shard(1))
 
     def forward(
         self,
@@ -89,19 +97,21 @@ class TextAttention(nn.Module):
             )  # [T, heads, head_dim]
         else:
             o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.chunk_size)
-        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+        return self.tp.all_reduce(self.o_proj(o.reshape(T, self.num_heads * self.head_dim)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int, dtype: torch.dtype, fp8_experts: bool):
+    def __init__(
+        self, cfg: TextConfig, layer: int, dtype: torch.dtype, fp8_experts: bool, tp: TensorParallel
+    ):
         super().__init__()
-        self.self_attn = TextAttention(cfg, layer, dtype)
+        self.self_attn = TextAttention(cfg, layer, dtype, tp)
         if cfg.is_moe(layer):
             self.feed_forward: nn.Module = MoE(
-                cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, dtype, fp8_experts
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, dtype, fp8_experts, tp
             )
         else:
-            self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp, dtype)
+            self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp, dtype, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -114,13 +124,32 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(h_norm)
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """Each rank holds a contiguous slice of the vocabulary's rows; a token outside it looks up
+    zeros, and the sum over ranks is the embedding."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TensorParallel):
+        super().__init__(tp.divide(vocab_size, "vocab_size"), hidden_size, dtype=dtype)
+        self.tp = tp
+        self.vocab_start = tp.rank * self.num_embeddings
+        set_shard(self.weight, tp.shard(0))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        if self.tp.size == 1:
+            return super().forward(ids)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = super().forward(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0)
+        return self.tp.all_reduce(out)
+
+
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig, dtype: torch.dtype, fp8_experts: bool):
+    def __init__(self, cfg: TextConfig, dtype: torch.dtype, fp8_experts: bool, tp: TensorParallel):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype, fp8_experts) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, i, dtype, fp8_experts, tp) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -133,27 +162,44 @@ class TextModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: TextConfig, dtype: torch.dtype, fp8_experts: bool):
+    def __init__(self, cfg: TextConfig, dtype: torch.dtype, fp8_experts: bool, tp: TensorParallel):
         super().__init__()
-        self.model = TextModel(cfg, dtype, fp8_experts)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
-        set_tp_dim(self.lm_head.weight, 0)
+        self.model = TextModel(cfg, dtype, fp8_experts, tp)
+        # vocabulary parallel (Maverick's head is 202048 × 5120); the logits are gathered
+        vocab = tp.divide(cfg.vocab_size, "vocab_size")
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False, dtype=dtype)
+        set_shard(self.lm_head.weight, tp.shard(0))
 
 
 class Llama4Model(nn.Module):
     """Text decoder + vision tower + projector. `dtype` is the compute dtype (fp32 or bf16);
-    `fp8_experts` keeps the routed experts in FP8 and runs them through `_scaled_mm`."""
+    `fp8_experts` keeps the routed experts in FP8 and runs them through `_scaled_mm`.
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, fp8_experts: bool = False):
+    With tensor parallelism each rank builds its slice of the text decoder. The vision tower and
+    projector live on rank 0 only: their output is an input of the text forward, which rank 0
+    sends to the other ranks with the step anyway, so encoding each image once saves the other
+    ranks its compute and the tower's weights (Maverick's: ~1.7 GB in bf16)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.bfloat16,
+        fp8_experts: bool = False,
+        tp: TensorParallel = SINGLE,
+    ):
         super().__init__()
         self.config = config
         self.dtype = dtype
         self.fp8_experts = fp8_experts
-        self.language_model = CausalLM(config.text, dtype, fp8_experts)
-        self.vision_model = VisionModel(config.vision).to(dtype)
-        self.multi_modal_projector = MultiModalProjector(
-            config.vision.vision_output_dim, config.text.hidden_size
-        ).to(dtype)
+        self.tp = tp
+        self.language_model = CausalLM(config.text, dtype, fp8_experts, tp)
+        self.has_vision = tp.rank == 0
+        if self.has_vision:
+            self.vision_model = VisionModel(config.vision).to(dtype)
+            self.multi_modal_projector = MultiModalProjector(
+                config.vision.vision_output_dim, config.text.hidden_size
+            ).to(dtype)
+        self.num_kv_heads = self.language_model.model.layers[0].self_attn.num_kv_heads  # on this rank
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +221,7 @@ class Llama4Model(nn.Module):
             cfg.num_hidden_layers,
             num_blocks,
             block_size,
-            cfg.num_key_value_heads,
+            self.num_kv_heads,
             cfg.head_dim,
             dtype or self.dtype,
             self.device,
@@ -217,5 +263,5 @@ class Llama4Model(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in fp32."""
-        return self.language_model.lm_head(hidden).float()
+        """hidden [N, hidden] -> logits [N, vocab] in fp32 (on every rank)."""
+        return self.tp.all_gather(self.language_model.lm_head(hidden)).float()
