@@ -12,6 +12,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 ENGINE_ARGS ?=
+# a deployment profile, server/profiles/$(PROFILE).json: the maverick model's instances and engine settings
+PROFILE ?= cpu-tiny
 TRACE_FILE ?=
 SERVING_NICE ?= 10
 
@@ -47,8 +49,9 @@ tiny-model: $(DEFAULT_MODEL)/config.json
 
 # The default checkpoint is built on first use; any other MODEL_DIR must already exist.
 serve: venv $(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),tiny-model)
-	$(PY) -m server.launch --model-dir $(MODEL_DIR) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-		--metrics-port $(METRICS_PORT) $(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS)) \
+	$(PY) -m server.launch --profile $(PROFILE) --model-dir $(MODEL_DIR) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		$(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS)) \
 		$(if $(TRACE_FILE),--trace-file $(TRACE_FILE)) --serving-nice $(SERVING_NICE)
 
 stop:

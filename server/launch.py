@@ -1,12 +1,15 @@
 """Start a real `tritonserver` on the model repository (what `make serve` runs).
 
-    python -m server.launch [--model-dir DIR] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
-                            [--engine key=value ...] [--trace-file FILE] [--serving-nice N]
+    python -m server.launch [--profile cpu-tiny] [--model-dir DIR] [--http-port 8000] [--grpc-port 8001]
+                            [--metrics-port 8002] [--engine key=value ...] [--trace-file FILE]
+                            [--serving-nice N]
 
 Finds the server: the NGC container's `/opt/tritonserver`, else the one the `nvidia-pytriton`
 wheel carries (Triton 2.51), whose Python backend gets the stub built for the running Python.
-Renders the repository into `build/model_repository` with the checkpoint folder and engine
-settings written into the models' parameters (absolute paths), lets the stub see this Python's
+Renders the repository into `build/model_repository` for a deployment profile (server/profiles/:
+the `maverick` model's instance group and engine settings), with the checkpoint folder and the
+--engine overrides written into the models' parameters (absolute paths); refuses, before starting
+anything, a checkpoint the profile cannot split or hold (maverick/plan.py); lets the stub see this Python's
 packages, PYTHONPATH first (MAVERICK_SITE_PACKAGES), tells the stubs how far to step below the
 engine process in priority (MAVERICK_SERVING_NICE, see maverick/serving/priority.py), and runs the
 server in the foreground.
@@ -29,8 +32,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maverick.config import ConfigError, ModelConfig
+from maverick.plan import Plan, check_divisible, check_fits
 from maverick.serving.priority import ENV as SERVING_NICE_ENV
 from maverick.serving.priority import MAX_NICE, SERVING_NICE, parse_serving_nice
+from maverick.serving.profile import (
+    DEFAULT_PROFILE,
+    Profile,
+    ProfileError,
+    load_profile,
+    profile_engine_config,
+    profile_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
@@ -56,6 +69,7 @@ class ServeConfig:
     log_verbose: int = 0
     trace_file: Path | None = None  # Triton traces every request's timestamps here (written at exit)
     serving_nice: int = SERVING_NICE  # the stubs' niceness above the engine process (0: equal)
+    profile: str = DEFAULT_PROFILE  # server/profiles/<profile>.json: instance group, engine settings
 
 
 def free_ports(n: int) -> list[int]:
@@ -107,12 +121,28 @@ def _set_parameter(pbtxt: str, key: str, value: str) -> str:
     return pbtxt + f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
 
 
-def engine_parameters(model_dir: Path, overrides: dict[str, str] | None = None) -> dict[str, str]:
-    """The `maverick` model's engine parameters as Triton hands them to it for this checkpoint:
-    what tests and benchmarks use to run the engine directly, configured exactly as served."""
+def _set_instance_group(pbtxt: str, profile: Profile) -> str:
+    """The model's one `instance_group [ ... ]`, replaced by the profile's."""
+    group = f"instance_group [ {{ kind: {profile.kind} count: {profile.instances} }} ]"
+    text, n = re.subn(r"instance_group\s*\[[^\]]*\]", group, pbtxt)
+    if n != 1:
+        raise ValueError(f"expected one instance_group in the maverick config, found {n}")
+    return text
+
+
+def engine_parameters(
+    model_dir: Path, overrides: dict[str, str] | None = None, profile: str = DEFAULT_PROFILE
+) -> dict[str, str]:
+    """The `maverick` model's engine parameters as Triton hands them to it for this checkpoint and
+    profile: what tests and benchmarks use to run the engine directly, configured exactly as served."""
     text = (REPOSITORY / "maverick" / "config.pbtxt").read_text()
     params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
-    return {**params, "model_dir": str(Path(model_dir).resolve()), **(overrides or {})}
+    return {
+        **params,
+        **load_profile(profile).engine,
+        "model_dir": str(Path(model_dir).resolve()),
+        **(overrides or {}),
+    }
 
 
 def render_repository(cfg: ServeConfig) -> Path:
@@ -124,12 +154,27 @@ def render_repository(cfg: ServeConfig) -> Path:
     for model in MODELS_WITH_CHECKPOINT:
         path = out / model / "config.pbtxt"
         path.write_text(_set_parameter(path.read_text(), "model_dir", str(cfg.model_dir.resolve())))
+    profile = load_profile(cfg.profile)
     path = out / "maverick" / "config.pbtxt"
-    text = path.read_text()
-    for key, value in cfg.engine.items():
+    text = _set_instance_group(path.read_text(), profile)
+    for key, value in {**profile.engine, **cfg.engine}.items():  # --engine overrides the profile
         text = _set_parameter(text, key, value)
     path.write_text(text)
     return out
+
+
+def check_deployment(cfg: ServeConfig) -> Plan:
+    """The capacity plan of this checkpoint under this profile and overrides, or ValueError: a
+    dimension the tensor-parallel split needs does not divide, or the weights and one
+    max_model_len sequence do not fit the profile's memory (the engine checks again at start,
+    against the memory it finds)."""
+    profile = load_profile(cfg.profile)
+    engine = profile_engine_config(profile, cfg.model_dir, cfg.engine)
+    model = ModelConfig.from_dir(cfg.model_dir)
+    check_divisible(model.text, engine.tensor_parallel_size)
+    return check_fits(
+        model, engine, profile.gpu_memory_bytes, str(cfg.model_dir), max_gpus=profile.gpus_per_node or None
+    )
 
 
 def stub_package_dirs(env: dict[str, str]) -> str:
@@ -245,6 +290,12 @@ def _serving_nice_arg(text: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        choices=profile_names(),
+        help="deployment profile (server/profiles/NAME.json): instance group and engine settings",
+    )
     ap.add_argument("--model-dir", type=Path, default=ServeConfig.model_dir)
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
@@ -283,10 +334,17 @@ def main() -> None:
         log_verbose=args.log_verbose,
         trace_file=args.trace_file,
         serving_nice=args.serving_nice,
+        profile=args.profile,
     )
+    try:
+        plan = check_deployment(cfg)
+    except (ConfigError, ProfileError, ValueError) as e:
+        sys.exit(f"profile {cfg.profile} cannot serve {cfg.model_dir}: {e}")
     cmd, env = server_command(cfg)
     print(
         f"serving {cfg.model_dir} with {cmd[0]}\n"
+        f"  profile {cfg.profile}: TP {plan.tensor_parallel_size}, {plan.kv_tokens} KV tokens per instance, "
+        f"longest context {plan.longest_context} (`python -m maverick.plan --profile {cfg.profile}`)\n"
         f"  HTTP    http://localhost:{cfg.http_port}  (POST /v2/models/ensemble/generate_stream)\n"
         f"  gRPC    localhost:{cfg.grpc_port}\n"
         f"  metrics http://localhost:{cfg.metrics_port}/metrics\n"

@@ -40,9 +40,10 @@ def ours_fp32(tiny_ckpt):
 from server.launch import free_ports  # noqa: E402  (re-exported for the test modules)
 
 
-def start_triton(model_dir, build, engine: dict[str, str] | None = None, trace_file=None):
+def start_triton(model_dir, build, engine: dict[str, str] | None = None, trace_file=None, **serve):
     """A tritonserver on free ports; `engine` overrides the maverick model's engine settings;
-    `trace_file` gets Triton's trace of every request when it stops."""
+    `trace_file` gets Triton's trace of every request when it stops; `serve`: other ServeConfig
+    fields (profile, log_verbose)."""
     from server.launch import RunningServer, ServeConfig
 
     http, grpc, metrics = free_ports(3)
@@ -54,6 +55,7 @@ def start_triton(model_dir, build, engine: dict[str, str] | None = None, trace_f
         build_dir=build,
         engine=engine or {},
         trace_file=trace_file,
+        **serve,
     )
     return RunningServer(cfg, build / "server.log")
 

@@ -23,7 +23,7 @@ from maverick_metrics import EngineMetrics
 
 from maverick.engine.engine_client import EngineClient
 from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
-from maverick.serving.engine_args import engine_config
+from maverick.serving.engine_args import Instance, engine_config
 from maverick.serving.flow_control import FlowControlledStream
 from maverick.serving.model_dir import project_root
 from maverick.serving.priority import yield_to_engine
@@ -42,8 +42,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
-        device_id = int(args.get("model_instance_device_id") or 0)
-        self.engine = EngineClient(engine_config(params, project_root(args["model_repository"]), device_id))
+        # which instance this is picks its GPU set (KIND_MODEL: Triton gives it no device)
+        instance = Instance.from_args(args, config)
+        self.engine = EngineClient(engine_config(params, project_root(args["model_repository"]), instance))
         # the engine process keeps the priority it started with; this relay steps below it
         yield_to_engine()
         self.loop = asyncio.new_event_loop()

@@ -1,0 +1,105 @@
+"""The cpu-tp2 profile through a real tritonserver: the `maverick` engine split over two ranks
+(gloo), answering byte for byte as the one-rank default (`cpu-tiny`, the `triton` fixture) does,
+over gRPC streaming and HTTP; and a rank killed mid-stream."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import start_triton
+from test_triton import IMAGE_CHAT, TEXT_CHAT
+
+from client.llm import GrpcClient, HttpClient
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_ckpt, tmp_path_factory):
+    build = tmp_path_factory.mktemp("tp2")
+    server = start_triton(tiny_ckpt, build, profile="cpu-tp2")
+    yield server
+    assert server.stop() == 0, f"tritonserver did not exit cleanly; see {build / 'server.log'}"
+
+
+def _answers(server, request: dict) -> dict[str, tuple]:
+    """The same request over each path: (text, token ids) of each."""
+    out = {}
+    with GrpcClient(server.grpc_url) as grpc:
+        chunks = list(grpc.stream(**request))
+        out["grpc stream"] = ("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids])
+        unary = grpc.generate(stream=False, **request)
+        out["grpc"] = (unary.text, unary.token_ids)
+    http = HttpClient(server.http_url)
+    whole = http.generate(**request)
+    out["http"] = (whole.text, whole.token_ids)
+    streamed = list(http.stream(**request))
+    out["http stream"] = ("".join(c.text for c in streamed), [t for c in streamed for t in c.token_ids])
+    return out
+
+
+@pytest.mark.parametrize("request_kwargs", [TEXT_CHAT, IMAGE_CHAT], ids=["text", "text+image"])
+def test_tp2_answers_byte_for_byte_as_one_rank(tp2, triton, request_kwargs):
+    one = _answers(triton, request_kwargs)
+    two = _answers(tp2, request_kwargs)
+    text, ids = one["grpc stream"]
+    assert len(ids) == request_kwargs["max_tokens"] and text
+    assert two == one
+    assert all(v == (text, ids) for v in one.values())
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        path = Path(f"/proc/{p}/task/{p}/children")
+        kids = [int(c) for c in path.read_text().split()] if path.exists() else []
+        out += kids
+        todo += kids
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _ranks(server) -> list[int]:
+    """The tensor-parallel rank processes under this server (spawned by its engine process)."""
+    return [p for p in _descendants(server.proc.pid) if b"spawn_main" in _cmdline(p)]
+
+
+def test_a_killed_rank_fails_its_requests_and_the_server_stays_up(tiny_ckpt, tmp_path):
+    """Its own server (the module's is left intact): rank 1 killed while a stream runs; the stream
+    and the next request end with the engine's UNAVAILABLE error within seconds, the server keeps
+    answering health checks, and a stop leaves no process behind."""
+    server = start_triton(tiny_ckpt, tmp_path, profile="cpu-tp2")
+    try:
+        [rank1] = _ranks(server)
+        long = dict(text="Tell me everything.", max_tokens=2000, ignore_eos=True, temperature=0.0)
+        with GrpcClient(server.grpc_url) as grpc:
+            got, killed_at = 0, None
+            with pytest.raises(Exception, match="the engine stopped") as failure:
+                for chunk in grpc.stream(**long):
+                    got += len(chunk.token_ids)
+                    if killed_at is None and got >= 5:
+                        os.kill(rank1, signal.SIGKILL)
+                        killed_at = time.monotonic()
+            assert killed_at is not None and time.monotonic() - killed_at < 10.0, failure.value
+            assert "tensor-parallel rank 1" in str(failure.value)
+            with pytest.raises(Exception, match="the engine stopped"):
+                grpc.generate(text="And now?", max_tokens=4)
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live") as r:
+            assert r.status == 200  # the server stays up
+    finally:
+        pids = _descendants(server.proc.pid)
+        assert server.stop() == 0
+    deadline = time.monotonic() + 15
+    while any(_cmdline(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if _cmdline(p)]
