@@ -24,6 +24,7 @@ help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
 	@echo "                 (ENGINE_ARGS=\"key=value ...\", TRACE_FILE=path: Triton's per-request trace,"
 	@echo "                 SERVING_NICE=0..19: the stubs' niceness above the engine process, default 10)"
+	@echo "                 PROFILE=name: server/profiles/name.json (cpu-tiny, cpu-tp2, cpu-2x, h100x8-tp8, ...)"
 	@echo "make stop        stop it"
 	@echo "make test        lint + the whole test suite (CPU)"
 	@echo "make tiny-model  build the embedded default checkpoint into $(DEFAULT_MODEL)"
