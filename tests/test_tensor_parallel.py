@@ -10,6 +10,7 @@ chunked prefill); and what a dead rank does to the engine process and its reques
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +29,9 @@ from maverick.checkpoint import load_model
 from maverick.engine.api import EngineConfig, Prompt, SamplingParams
 from maverick.engine.engine_client import EngineClient
 from maverick.engine.errors import EngineDeadError
+from maverick.engine.llm_engine import LLMEngine
 from maverick.layers.parallel import Shard, TensorParallel
+from maverick.plan import MAVERICK_FP8
 from maverick.prompt import build_chat_prompt
 from maverick.tokenizer import Tokenizer
 
@@ -200,3 +204,16 @@ def test_stopping_a_tp_engine_leaves_no_rank_behind(tiny_ckpt):
     assert sum(len(t) for t in asyncio.run(one())) == 4
     client.shutdown()
     assert not _alive(engine_pid) and not any(_alive(p) for p in ranks)
+
+
+def test_an_engine_that_cannot_hold_the_checkpoint_fails_before_loading(tmp_path, monkeypatch):
+    """Maverick FP8 asked of one 80 GiB GPU: the planner's arithmetic refuses at start, naming the
+    tensor-parallel size that fits (the GPUs are faked: nothing here touches CUDA)."""
+    (tmp_path / "config.json").write_text(json.dumps(MAVERICK_FP8))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    props = SimpleNamespace(total_memory=80 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    with pytest.raises(ValueError, match="use tensor_parallel_size 8"):
+        LLMEngine(EngineConfig(model_dir=str(tmp_path), device="cuda:0", tensor_parallel_size=1))
+    with pytest.raises(ValueError, match="needs 1 × 8 = 8 GPUs .* 4 are visible"):
+        LLMEngine(EngineConfig(model_dir=str(tmp_path), device="cuda:4", tensor_parallel_size=8))

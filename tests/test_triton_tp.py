@@ -55,11 +55,18 @@ def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
-        path = Path(f"/proc/{p}/task/{p}/children")
-        kids = [int(c) for c in path.read_text().split()] if path.exists() else []
+        # every thread's children: the engine restarted by the stub is a child of its supervisor thread
+        kids = [int(c) for t in Path(f"/proc/{p}/task").glob("*") for c in _read(t / "children").split()]
         out += kids
         todo += kids
     return out
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _cmdline(pid: int) -> bytes:
@@ -74,12 +81,16 @@ def _ranks(server) -> list[int]:
     return [p for p in _descendants(server.proc.pid) if b"spawn_main" in _cmdline(p)]
 
 
-def test_a_killed_rank_fails_its_requests_and_the_server_stays_up(tiny_ckpt, tmp_path):
+def test_a_killed_rank_fails_its_requests_then_the_engine_serves_again(tiny_ckpt, tmp_path):
     """Its own server (the module's is left intact): rank 1 killed while a stream runs; the stream
     and the next request end with the engine's UNAVAILABLE error within seconds, the server keeps
-    answering health checks, and a stop leaves no process behind."""
+    answering health checks, the engine (both ranks) is started again and answers as before, and
+    a stop leaves no process behind."""
     server = start_triton(tiny_ckpt, tmp_path, profile="cpu-tp2")
+    short = dict(text="And now?", max_tokens=4, temperature=0.0)
     try:
+        with GrpcClient(server.grpc_url) as grpc:
+            before = grpc.generate(**short)
         [rank1] = _ranks(server)
         long = dict(text="Tell me everything.", max_tokens=2000, ignore_eos=True, temperature=0.0)
         with GrpcClient(server.grpc_url) as grpc:
@@ -93,9 +104,17 @@ def test_a_killed_rank_fails_its_requests_and_the_server_stays_up(tiny_ckpt, tmp
             assert killed_at is not None and time.monotonic() - killed_at < 10.0, failure.value
             assert "tensor-parallel rank 1" in str(failure.value)
             with pytest.raises(Exception, match="the engine stopped"):
-                grpc.generate(text="And now?", max_tokens=4)
+                grpc.generate(**short)
         with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live") as r:
             assert r.status == 200  # the server stays up
+        # the stub logs when the new engine serves; requests before that get UNAVAILABLE
+        log, deadline = server.cfg.build_dir / "server.log", time.monotonic() + 120
+        while "the engine serves again" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with GrpcClient(server.grpc_url) as grpc:
+            after = grpc.generate(**short)
+        assert after is not None and (after.text, after.token_ids) == (before.text, before.token_ids)
+        assert len(_ranks(server)) == 1 and rank1 not in _ranks(server)
     finally:
         pids = _descendants(server.proc.pid)
         assert server.stop() == 0

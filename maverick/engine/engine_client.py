@@ -107,6 +107,16 @@ class EngineClient(StreamingEngine):
         """The child's counters after its last step that produced outputs."""
         return stats_as_of(self._stats, self._stats_at)
 
+    @property
+    def error(self) -> str | None:
+        """Why the engine process stopped, once it has (None while it runs, or after a shutdown)."""
+        return self._error
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the engine process has stopped (died, or shut down); False on timeout."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._outbox.put(("shutdown",))
         try:

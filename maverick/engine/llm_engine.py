@@ -31,6 +31,7 @@ from maverick.engine.scheduler import Scheduler, SchedulerConfig
 from maverick.engine.sequence import FinishReason, Sequence
 from maverick.engine.stop import StopStringMatcher
 from maverick.layers.parallel import SINGLE, TensorParallel
+from maverick.plan import check_fits, check_gpus
 from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,15 @@ def stats_as_of(stats: dict[str, float], taken_at: float) -> dict[str, float]:
     return out
 
 
+def _check_fits_gpus(model_config: ModelConfig, config: EngineConfig, device: torch.device) -> None:
+    """The planner's arithmetic (maverick/plan.py) on the GPUs at hand, before anything loads: a
+    checkpoint the ranks cannot hold fails at once with what would fit."""
+    visible = torch.cuda.device_count()
+    check_gpus(1, config.tensor_parallel_size, visible - (device.index or 0), "this engine")
+    total = torch.cuda.get_device_properties(device).total_memory
+    check_fits(model_config, config, total, model=config.model_dir, max_gpus=visible)
+
+
 @dataclass
 class _Stream:
     """Text-side state of one request: detokenizer context and stop-string matcher."""
@@ -65,9 +75,11 @@ class LLMEngine:
         self.device = rank_device(config, 0)
         if config.cpu_threads is not None:
             torch.set_num_threads(config.cpu_threads)  # process-wide: the engine owns its process
-        head_dim = ModelConfig.from_dir(config.model_dir).text.head_dim  # decided before the weights load
+        model_config = ModelConfig.from_dir(config.model_dir)  # what is decided before the weights load
+        if self.device.type == "cuda":
+            _check_fits_gpus(model_config, config, self.device)
         self.modes = resolve_modes(
-            config.decode_path, config.moe_path, self.device, config.block_size, head_dim
+            config.decode_path, config.moe_path, self.device, config.block_size, model_config.text.head_dim
         )
         self.rank_failure: str | None = None
         self.ranks: TensorParallelRanks | None = None
@@ -251,8 +263,9 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(seq)
             sampled = sample(logits, [s.sampling for s in sample_seqs])
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
-            if self.ranks is not None:
-                raise  # the other ranks may wait in a collective of this step: the engine is done
+            if self.ranks is not None:  # the other ranks may wait in a collective: the engine is done
+                reason = self.ranks.failure(wait_s=2.0) or f"a tensor-parallel step failed: {e}"
+                raise RuntimeError(reason) from e
             log.exception("engine step failed")
             for seq in list(sched.seqs):
                 self.scheduler.finish(seq, FinishReason.ERROR)

@@ -106,12 +106,18 @@ class TensorParallelRanks:
 
     def _watch(self) -> None:
         wait([p.sentinel for p in self._procs])
-        if self._stopping:
-            return
-        dead = [
-            f"rank {r} (exit status {p.exitcode})" for r, p in enumerate(self._procs, 1) if not p.is_alive()
-        ]
-        self._on_failure(f"tensor-parallel {', '.join(dead)} stopped")
+        if not self._stopping:
+            shutil.rmtree(self._dir, ignore_errors=True)  # on_failure may end the process at once
+            self._on_failure(self.failure() or "a tensor-parallel rank stopped")
+
+    def failure(self, wait_s: float = 0.0) -> str | None:
+        """Which ranks have stopped, or None; waits up to wait_s for one to end (a collective
+        that failed because a rank is dying fails before the rank is gone)."""
+        # a sentinel is ready once its process has ended (is_alive() could race the other thread
+        # here to reap it, and then report it alive)
+        ended = set(wait([p.sentinel for p in self._procs], wait_s))
+        dead = [f"rank {r}" for r, p in enumerate(self._procs, start=1) if p.sentinel in ended]
+        return f"tensor-parallel {', '.join(dead)} stopped" if dead else None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True

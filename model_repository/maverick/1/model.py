@@ -7,7 +7,8 @@ response sender. execute() only schedules those coroutines. Every request ends w
 also when it fails or is cancelled. The engine request is aborted (its KV blocks freed) when
 Triton marks the request cancelled (a direct call), when a response cannot be delivered, or when
 an `abort` request names it (how postprocessing passes on a cancelled ensemble request, and how a
-client can stop a request by its id).
+client can stop a request by its id). An engine process that dies is started again
+(maverick/serving/supervisor.py); meanwhile requests fail with UNAVAILABLE.
 """
 
 import asyncio
@@ -30,6 +31,7 @@ from maverick.serving.priority import yield_to_engine
 from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors
 from maverick.serving.response_window import NO_ACK, AckBoard
 from maverick.serving.step_output import StepOutput
+from maverick.serving.supervisor import SupervisedEngine
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
 # Triton's cancelled flag is only set for direct calls (the ensemble passes cancellation on through
@@ -44,7 +46,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in (config.get("parameters") or {}).items()}
         # which instance this is picks its GPU set (KIND_MODEL: Triton gives it no device)
         instance = Instance.from_args(args, config)
-        self.engine = EngineClient(engine_config(params, project_root(args["model_repository"]), instance))
+        config = engine_config(params, project_root(args["model_repository"]), instance)
+        # a dead engine process is started again (Triton cannot be told the model is not ready)
+        self.engine = SupervisedEngine(lambda: EngineClient(config))
         # the engine process keeps the priority it started with; this relay steps below it
         yield_to_engine()
         self.loop = asyncio.new_event_loop()
