@@ -84,6 +84,7 @@ class AsyncEngine(StreamingEngine):
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout)
+        self.engine.close()  # its tensor-parallel ranks, if any
 
     # -- engine thread -----------------------------------------------------------------------------
     def _check_alive(self) -> None:
