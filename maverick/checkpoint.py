@@ -34,7 +34,7 @@ from maverick.config import ModelConfig
 from maverick.layers.fp8 import FP8_DTYPE, dequantize, fp8_supported, quantize_rowwise
 from maverick.layers.linear import MergedColumnLinear
 from maverick.layers.moe import RoutedExperts
-from maverick.layers.parallel import SINGLE, Shard, TensorParallel, shard_of
+from maverick.layers.parallel import SINGLE, Shard, TensorParallel, shape_of, shard_of
 from maverick.models.llama4 import Llama4Model
 
 ExpertMode = Literal["auto", "fp8", "dequant"]
@@ -76,10 +76,6 @@ class _ExpertParts:
 def _read(tensor, shard: Shard | None) -> torch.Tensor:
     """The rank's piece of a safetensors slice (or tensor), read from the file only in part."""
     return tensor[:] if shard is None else shard.take(tensor)
-
-
-def _full_shape(tensor) -> list[int]:
-    return list(tensor.shape) if isinstance(tensor, torch.Tensor) else list(tensor.get_shape())
 
 
 def param_shards(model: Llama4Model) -> dict[str, Shard | None]:
@@ -125,8 +121,8 @@ class _Loader:
             raise CheckpointError(f"unexpected tensor '{name}' (the model has no such parameter)")
         param, shard = self.params[name]
         want = list(param.shape) if shard is None else list(shard.full_shape(tuple(param.shape)))
-        if _full_shape(sl) != want:
-            raise CheckpointError(f"tensor '{name}' has shape {_full_shape(sl)}, expected {want}")
+        if list(shape_of(sl)) != want:
+            raise CheckpointError(f"tensor '{name}' has shape {list(shape_of(sl))}, expected {want}")
         t = _read(sl, shard)
         if t.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(
@@ -179,8 +175,8 @@ class _Loader:
         # gate/up are column parallel (their rows, and the rows' scales); down is row parallel
         # (its columns; each output row keeps its whole scale)
         dim = 1 if (proj == "down" and kind == "weight") else (None if proj == "down" else 0)
-        if dim is not None and len(_full_shape(sl)) != 2:
-            raise CheckpointError(f"tensor '{name}' must be 2-D, got shape {_full_shape(sl)}")
+        if dim is not None and len(shape_of(sl)) != 2:
+            raise CheckpointError(f"tensor '{name}' must be 2-D, got shape {list(shape_of(sl))}")
         t = _read(sl, None if dim is None else experts.tp.shard(dim))
         if kind == "weight" and t.dtype != FP8_DTYPE:
             raise CheckpointError(f"tensor '{name}' has dtype {t.dtype}, expected {FP8_DTYPE}")
@@ -204,8 +200,8 @@ class _Loader:
         experts = self._experts(prefix, name)
         E, H, inter_all = experts.num_experts, self.cfg.hidden_size, self.cfg.intermediate_size
         want = [E, H, 2 * inter_all] if which == "gate_up_proj" else [E, inter_all, H]
-        if _full_shape(sl) != want:
-            raise CheckpointError(f"tensor '{name}' has shape {_full_shape(sl)}, expected {want}")
+        if list(shape_of(sl)) != want:
+            raise CheckpointError(f"tensor '{name}' has shape {list(shape_of(sl))}, expected {want}")
         a, b = (0, inter_all) if experts.tp.size == 1 else experts.tp.shard(0).bounds(inter_all)
         if which == "gate_up_proj":  # [E, H, 2I], gate columns first: this rank's of each half
             parts = {"gate": sl[:, :, a:b], "up": sl[:, :, inter_all + a : inter_all + b]}

@@ -29,6 +29,7 @@ from maverick.engine.scheduler import SchedulerOutput
 from maverick.engine.sequence import Sequence
 from maverick.layers.attention import AttentionMetadata
 from maverick.models.llama4 import Llama4Model
+from maverick.plan import kv_bytes_per_token
 
 
 @dataclass
@@ -123,9 +124,8 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model: Llama4Model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
-        cfg = model.config.text  # this rank's KV heads
-        itemsize = (kv_dtype or model.dtype).itemsize
-        return 2 * cfg.num_hidden_layers * block_size * model.num_kv_heads * cfg.head_dim * itemsize
+        itemsize = (kv_dtype or model.dtype).itemsize  # the planner's arithmetic, on this rank
+        return block_size * kv_bytes_per_token(model.config.text, model.tp.size, itemsize)
 
     def prepare(self, sched: SchedulerOutput) -> tuple[ForwardStep, list[Sequence]]:
         """The step's host-side inputs, and the sequences that sample (reach their last token)."""

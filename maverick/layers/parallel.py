@@ -38,12 +38,13 @@ class Shard:
 
     def take(self, tensor: Any) -> Any:
         """This piece of `tensor` (a torch tensor, or a safetensors slice, read only in part)."""
-        start, end = self.bounds(_shape(tensor)[self.dim])
+        start, end = self.bounds(shape_of(tensor)[self.dim])
         index = (slice(None),) * self.dim + (slice(start, end),)
         return tensor[index]
 
 
-def _shape(tensor: Any) -> tuple[int, ...]:
+def shape_of(tensor: Any) -> tuple[int, ...]:
+    """A torch tensor's shape, or a safetensors slice's (before anything is read)."""
     return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.get_shape())
 
 
