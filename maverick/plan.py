@@ -206,6 +206,26 @@ def workspace_bytes(
     return RUNTIME_RESERVE_BYTES + max_num_batched_tokens * per_token + logits
 
 
+def engine_workspace_bytes(text: TextConfig, engine: EngineConfig) -> int:
+    """workspace_bytes at the engine's settings."""
+    return workspace_bytes(
+        text,
+        engine.tensor_parallel_size,
+        DTYPES[engine.dtype].itemsize,
+        engine.max_num_batched_tokens,
+        engine.max_num_seqs,
+    )
+
+
+def kv_cache_budget(text: TextConfig, engine: EngineConfig, total: int, free: int, in_use: int) -> int:
+    """Bytes of one GPU for the KV cache once the weights are on it: total × gpu_memory_utilization
+    less what this process holds (in_use: the weights) and the workspace, and never more than is
+    free less the workspace (another process may hold part of the GPU). The planner passes its
+    weight arithmetic as in_use; the engine passes what it measures after loading."""
+    workspace = engine_workspace_bytes(text, engine)
+    return min(int(total * engine.gpu_memory_utilization) - in_use, free) - workspace
+
+
 # -- a plan: one deployment of one checkpoint ---------------------------------------------------
 
 
@@ -259,10 +279,9 @@ def plan(
     on_gpu = device_memory_bytes is not None
     weights = weight_bytes_per_rank(cfg, tp, dtype_bytes, uses_fp8_experts(cfg, engine, on_gpu))
     if on_gpu:
-        workspace = workspace_bytes(
-            cfg.text, tp, dtype_bytes, engine.max_num_batched_tokens, engine.max_num_seqs
-        )
-        budget = int(device_memory_bytes * engine.gpu_memory_utilization) - weights.total - workspace
+        workspace = engine_workspace_bytes(cfg.text, engine)
+        free = device_memory_bytes - weights.total  # a GPU of its own
+        budget = kv_cache_budget(cfg.text, engine, device_memory_bytes, free, weights.total)
     else:
         workspace, budget = 0, engine.kv_cache_bytes
     return Plan(

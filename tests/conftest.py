@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,21 @@ def start_triton(model_dir, build, engine: dict[str, str] | None = None, trace_f
         **serve,
     )
     return RunningServer(cfg, build / "server.log")
+
+
+def scrape_metrics(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample on a server's metrics port, as (name, labels, value), from Prometheus's text
+    format (label values here never hold commas or quotes)."""
+    body = urllib.request.urlopen(f"http://localhost:{port}/metrics").read().decode()
+    samples = []
+    for line in body.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        pairs = (pair.split("=", 1) for pair in labels.rstrip("}").split(",") if pair)
+        samples.append((name, {k: v.strip('"') for k, v in pairs}, float(value)))
+    return samples
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,18 @@ def test_fp8_linear_is_the_scaled_product():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(17, 96, generator=g)
     w_fp8, w_scale = quantize_rowwise(torch.randn(48, 96, generator=g))
-    y = fp8_linear(x, w_fp8, w_scale.squeeze(1))
     x_fp8, x_scale = quantize_rowwise(x)
     exact = (x_fp8.float() * x_scale) @ (w_fp8.float() * w_scale).t()  # the same quantized operands in fp32
-    assert y.shape == (17, 48)
-    assert ((y.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()  # bf16 output rounding
+    y = fp8_linear(x, w_fp8, w_scale.squeeze(1))  # fp32 in, fp32 out: no rounding but fp32's
+    assert y.shape == (17, 48) and y.dtype == torch.float32
+    assert ((y - exact).abs() <= exact.abs() * 1e-5 + 1e-5).all()
+    xb = x.bfloat16()  # bf16 in: the product rounded to bf16 once
+    xb_fp8, xb_scale = quantize_rowwise(xb)
+    exact = (xb_fp8.float() * xb_scale) @ (w_fp8.float() * w_scale).t()
+    y = fp8_linear(xb, w_fp8, w_scale.squeeze(1))
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert not torch.equal(y.float(), exact)  # it did round
 
 
 def test_fp8_model_agrees_with_dequantized(tiny_ckpt, ours_fp32):

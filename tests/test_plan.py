@@ -21,7 +21,10 @@ from maverick.plan import (
     check_divisible,
     check_fits,
     check_gpus,
+    engine_workspace_bytes,
     kv_bytes_per_token,
+    kv_cache_budget,
+    plan,
     weight_bytes_per_rank,
 )
 from maverick.serving.profile import load_profile, profile_engine_config
@@ -78,6 +81,24 @@ def test_tiny_weights_per_rank_at_tp2_equal_the_loaded_slices(tiny_ckpt, rank):
     cfg = ModelConfig.from_dir(tiny_ckpt)
     planned = weight_bytes_per_rank(cfg, 2, BF16, fp8_experts=True, with_vision=rank == 0)
     assert planned.total == _state_dict_bytes(model)
+
+
+def test_the_engine_sizes_its_kv_cache_with_the_planners_arithmetic():
+    """On a GPU the engine passes what it measured after loading (memory in use, memory free) to
+    the function the planner uses with its weight arithmetic: on a GPU of its own with the weights
+    as planned, the same bytes; more in use, less cache; a GPU shared with another process, what is
+    free."""
+    engine = profile_engine_config(load_profile("h100x8-tp8"), ".")
+    total, util = 80 * GiB, engine.gpu_memory_utilization
+    p = plan(MAVERICK, engine, total)
+    workspace = engine_workspace_bytes(MAVERICK.text, engine)
+    weights = p.weights.total
+    assert p.kv_cache_bytes == int(total * util) - weights - workspace > 10 * GiB
+    assert kv_cache_budget(MAVERICK.text, engine, total, total - weights, weights) == p.kv_cache_bytes
+    more = kv_cache_budget(MAVERICK.text, engine, total, total - weights - GiB, weights + GiB)
+    assert more == p.kv_cache_bytes - GiB
+    shared = kv_cache_budget(MAVERICK.text, engine, total, 10 * GiB, weights)
+    assert shared == 10 * GiB - workspace
 
 
 def test_tp1_on_one_h100_is_refused_with_what_would_fit():

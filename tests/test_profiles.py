@@ -8,13 +8,14 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_triton
+from conftest import scrape_metrics, start_triton
 from google.protobuf import text_format
 from test_triton import direct  # noqa: F401  (the engine-direct fixture the answers must equal)
 from tritonclient.grpc import model_config_pb2
@@ -263,3 +264,11 @@ def test_two_replicas_serve_sixteen_streams_each_as_served_alone(replicas, direc
     counts = _requests_per_instance(replicas)
     assert set(counts) == {"maverick_0_0", "maverick_0_1"}, counts
     assert sum(counts.values()) == 16, counts
+    # each instance publishes its own series (sampled every 0.5 s), the tokens it generated
+    time.sleep(1.2)
+    generated = {
+        labels["model_instance"]: value
+        for name, labels, value in scrape_metrics(replicas.cfg.metrics_port)
+        if name == "maverick_generation_tokens_total"
+    }
+    assert set(generated) == set(counts) and all(generated.values()), generated

@@ -86,24 +86,27 @@ def test_tp2_logits_equal_tp1_to_rounding(tiny_ckpt, forward_inputs, tmp_path):
         assert torch.equal(x.argmax(-1), y.argmax(-1))
 
 
-def test_tp2_fp8_experts_match_one_rank_to_bf16_rounding(tiny_ckpt, forward_inputs, tmp_path):
-    """FP8 experts (`_scaled_mm`, per-token activation scales taken over the whole row on every
-    rank): the first step's logits (all three prompts' first chunks) agree to the bf16 rounding of
-    the down projection's partial sums, which `_scaled_mm` outputs per rank (measured 0.24 on logits
-    of ~22; the tiny model under FP8 activation quantisation amplifies such roundings, so later
-    steps are compared through the engine's tokens below)."""
+def test_tp2_fp8_experts_equal_tp1_to_rounding(tiny_ckpt, forward_inputs, tmp_path):
+    """FP8 experts (`_scaled_mm`): each rank's partial sum stays fp32 until the all-reduce and the
+    down projection's per-token activation scale is the whole row's on every rank, so the logits
+    agree to fp32 summation order as above, except where that order moves an activation across an
+    e4m3 rounding boundary in a later layer (3 mantissa bits: one such element shifts a row's
+    logits by a few hundredths; measured 2 rows of 592, 0.07 and 0.04). The argmax is the same
+    everywhere."""
     one = logits_tp1(tiny_ckpt, "fp8", forward_inputs, tmp_path)
     two = logits_tp2(tiny_ckpt, "fp8", forward_inputs, tmp_path)
-    assert (one[0] - two[0]).abs().max().item() < 1.0
-    # the argmax of every prompt row but a near tie (measured: 1 of 58 differs)
-    assert (one[0].argmax(-1) == two[0].argmax(-1)).float().mean().item() >= 0.95
+    assert len(one) == len(two) > 20
+    rows = torch.cat([(x - y).abs().amax(-1) for x, y in zip(one, two, strict=True)])  # [rows]
+    beyond = int((rows >= 1e-4).sum())
+    print(f"fp8 TP 2 vs 1: {beyond} of {rows.numel()} rows beyond 1e-4, max {rows.max():.3f}")
+    assert (rows >= 1e-4).float().mean().item() <= 0.01 and rows.max().item() < 0.5
+    assert all(torch.equal(x.argmax(-1), y.argmax(-1)) for x, y in zip(one, two, strict=True))
 
 
 @pytest.mark.parametrize("experts", ["dequant", "fp8"])
 def test_tp2_engine_greedy_tokens(tiny_ckpt, experts):
-    """The mixed workload with chunked prefill (64-token steps), through two ranks. Dequantized:
-    every token equal to one rank's. FP8: every request's first token equal, and at least 80% of
-    the requests equal throughout (see the test above for why not all: measured 16 of 19)."""
+    """The mixed workload with chunked prefill (64-token steps), through two ranks: every token
+    equal to one rank's, with dequantized and with FP8 experts."""
     reqs = workload(Tokenizer.from_dir(tiny_ckpt))
     tokens = {}
     for tp in (1, 2):
@@ -114,11 +117,7 @@ def test_tp2_engine_greedy_tokens(tiny_ckpt, experts):
             tokens[tp] = run(engine, reqs)
         finally:
             engine.close()
-    if experts == "dequant":
-        assert tokens[2] == tokens[1]
-    else:
-        assert all(tokens[2][r][0] == tokens[1][r][0] for r in tokens[1])
-        assert sum(tokens[2][r] == tokens[1][r] for r in tokens[1]) >= 0.8 * len(tokens[1])
+    assert tokens[2] == tokens[1]
 
 
 def test_a_dimension_that_does_not_divide_is_named(tiny_ckpt):

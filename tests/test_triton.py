@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import scrape_metrics
 from PIL import Image
 
 from client.llm import GrpcClient, HttpClient, ServerError, request_fields
@@ -75,12 +76,15 @@ def direct(tiny_ckpt):
 
 
 def _metrics(server) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://localhost:{server.cfg.metrics_port}/metrics").read().decode()
-    out = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
+    """The server's series by name: the engine's summed over their instances (`le` kept on histogram
+    buckets), Triton's own keyed as printed (name and labels)."""
+    out: dict[str, float] = {}
+    for name, labels, value in scrape_metrics(server.cfg.metrics_port):
+        if name.startswith("maverick_"):
+            key = name + (f'{{le="{labels["le"]}"}}' if "le" in labels else "")
+        else:
+            key = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else name
+        out[key] = out.get(key, 0.0) + value
     return out
 
 

@@ -101,7 +101,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_bytes (CPU) or gpu_memory_utilization (CUDA)
     kv_cache_bytes: int = 1 << 30
-    gpu_memory_utilization: float = 0.9  # CUDA: the share of the memory left after loading for the cache
+    gpu_memory_utilization: float = 0.9  # CUDA: the share of each GPU this engine uses (plan.kv_cache_budget)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_num_waiting: int = 256  # more queued requests than this are refused (overload), not buffered

@@ -31,7 +31,7 @@ from maverick.engine.scheduler import Scheduler, SchedulerConfig
 from maverick.engine.sequence import FinishReason, Sequence
 from maverick.engine.stop import StopStringMatcher
 from maverick.layers.parallel import SINGLE, TensorParallel
-from maverick.plan import check_fits, check_gpus
+from maverick.plan import check_fits, check_gpus, kv_cache_budget
 from maverick.tokenizer import MIN_CONTEXT_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,11 @@ class LLMEngine:
         per_block = ModelRunner.kv_bytes_per_block(self.model, self.config.block_size)
         budget = self.config.kv_cache_bytes
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization)
+            # the planner's budget with the weights as loaded (rank 0 holds the vision tower too,
+            # so its budget binds; every rank allocates rank 0's block count)
+            free, total = torch.cuda.mem_get_info(self.device)
+            in_use = torch.cuda.memory_reserved(self.device)
+            budget = kv_cache_budget(self.model.config.text, self.config, total, free, in_use)
         # the runner allocates one block more: the scratch block of fixed-shape decode batches
         if budget < 2 * per_block:
             raise ValueError(

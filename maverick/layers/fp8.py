@@ -2,8 +2,8 @@
 
 Weights: float8_e4m3fn [out, in] with one fp32 scale per output row, as stored in the Maverick FP8
 release. Activations: quantized per token at run time. The product goes through `torch._scaled_mm`
-with rowwise scales (bf16 out), which runs on sm_89+ GPUs and on the CPU. `dequantize` gives the
-same weights in a float dtype, for GPUs without FP8 and as the oracle.
+(bf16 out with rowwise scales; fp32 out for fp32 models), which runs on sm_89+ GPUs and on the CPU.
+`dequantize` gives the same weights in a float dtype, for GPUs without FP8 and as the oracle.
 """
 
 import torch
@@ -37,14 +37,22 @@ def fp8_linear(
     """y = x @ w.T with x quantized per token. x [tokens, in]; w_fp8 [out, in]; w_scale [out] fp32;
     x_amax [tokens, 1]: the tokens' scale basis when not x's own (see quantize_rowwise).
 
-    Returns [tokens, out] in x's dtype (the matmul itself outputs bf16, as on the GPU).
+    Returns [tokens, out] in x's dtype. A bf16 x: the rowwise-scaled product in bf16, as the GPU
+    kernel gives it. An fp32 x: the product in fp32, scaled after the matmul (unit tensorwise scales,
+    which every `_scaled_mm` backend takes with an fp32 output), so that a tensor-parallel rank's
+    partial sum is not rounded to bf16 before the all-reduce, and TP N equals TP 1 to fp32 rounding.
     """
     x_fp8, x_scale = quantize_rowwise(x, x_amax)  # [tokens, in], [tokens, 1]
+    w_scale = w_scale.view(1, -1).float()  # [1, out]
+    if x.dtype == torch.float32:
+        one = torch.ones((), device=x.device)
+        y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        return y * x_scale * w_scale
     y = torch._scaled_mm(
         x_fp8,
         w_fp8.t(),  # column-major [in, out], as _scaled_mm wants its second operand
         scale_a=x_scale,
-        scale_b=w_scale.view(1, -1).float(),
+        scale_b=w_scale,
         out_dtype=torch.bfloat16,
     )
     return y.to(x.dtype)

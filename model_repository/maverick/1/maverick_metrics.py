@@ -41,19 +41,30 @@ _COUNTERS = {
 }
 
 
+def instance_labels(args: dict) -> dict[str, str]:
+    """The labels of one instance's series: replicas (cpu-2x, h100x8-2xtp4) each publish their own
+    instead of overwriting one gauge. Not `instance`, which Prometheus sets to the scrape target."""
+    return {
+        "model": args["model_name"],
+        "version": args["model_version"],
+        "model_instance": args["model_instance_name"],
+    }
+
+
 class EngineMetrics:
-    def __init__(self, engine):
+    def __init__(self, engine, labels: dict[str, str]):
         self.engine = engine
         self.families, self.gauges, self.counters, self.last = [], {}, {}, {}
         for key, (name, doc) in _GAUGES.items():
-            self.gauges[key] = self._family(name, doc, pb_utils.MetricFamily.GAUGE).Metric(labels={})
+            self.gauges[key] = self._family(name, doc, pb_utils.MetricFamily.GAUGE).Metric(labels=labels)
         for key, (name, doc) in _COUNTERS.items():
-            self.counters[key] = self._family(name, doc, pb_utils.MetricFamily.COUNTER).Metric(labels={})
+            family = self._family(name, doc, pb_utils.MetricFamily.COUNTER)
+            self.counters[key] = family.Metric(labels=labels)
         self.ttft = LatencyHistogram(
-            self._family, "maverick_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS
+            self._family, "maverick_time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS, labels
         )
         self.itl = LatencyHistogram(
-            self._family, "maverick_inter_token_latency_seconds", "Time between tokens", ITL_BUCKETS
+            self._family, "maverick_inter_token_latency_seconds", "Time between tokens", ITL_BUCKETS, labels
         )
         self._previous: dict[str, float] = {}  # request id -> time of its last token (request loop only)
         self._samples: list[tuple[LatencyHistogram, float]] = []  # not yet counted (metrics thread)
@@ -109,13 +120,13 @@ class EngineMetrics:
 class LatencyHistogram:
     """A Prometheus histogram counted in this process and published as its counter series."""
 
-    def __init__(self, family, name: str, doc: str, bounds: list[float]):
+    def __init__(self, family, name: str, doc: str, bounds: list[float], labels: dict[str, str]):
         self.bounds = [*bounds, math.inf]
         counter = pb_utils.MetricFamily.COUNTER
         buckets = family(f"{name}_bucket", f"{doc}: samples <= le (cumulative)", counter)
-        self.buckets = [buckets.Metric(labels={"le": _le(b)}) for b in self.bounds]
-        self.sum = family(f"{name}_sum", f"{doc}: sum of the samples", counter).Metric(labels={})
-        self.total = family(f"{name}_count", f"{doc}: number of samples", counter).Metric(labels={})
+        self.buckets = [buckets.Metric(labels={**labels, "le": _le(b)}) for b in self.bounds]
+        self.sum = family(f"{name}_sum", f"{doc}: sum of the samples", counter).Metric(labels=labels)
+        self.total = family(f"{name}_count", f"{doc}: number of samples", counter).Metric(labels=labels)
         self.new = [0] * len(self.bounds)  # samples per bucket (not cumulative) since the last publish
         self.new_sum = 0.0
 

@@ -20,7 +20,7 @@ import uuid
 import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from maverick_metrics import EngineMetrics
+from maverick_metrics import EngineMetrics, instance_labels
 
 from maverick.engine.engine_client import EngineClient
 from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
@@ -56,7 +56,7 @@ class TritonPythonModel:
             target=self.loop.run_forever, name="maverick-requests", daemon=True
         )
         self.loop_thread.start()
-        self.metrics = EngineMetrics(self.engine)
+        self.metrics = EngineMetrics(self.engine, instance_labels(args))
         self.acks = AckBoard.create()  # postprocessing acknowledges streamed responses here
         self.in_flight: set[asyncio.Future] = set()
         self.live: dict[str, str] = {}  # engine request id -> Triton request id (request-loop thread only)
