@@ -6,7 +6,8 @@ fixed-shape decode path (Triton kernels, CUDA graphs) against the reference path
 The CPU oracle is our fp32 model with dequantized experts, which tests/test_model.py holds equal to
 transformers' Llama 4. The decode-path checks are in scripts/decode_path_check.py. Prints errors and
 timings and writes them to results/gpu_check.json. `--device cpu` runs the same script without a GPU
-(to check the script itself); the checks that need CUDA say so and are skipped.
+(to check the script itself); the checks that need CUDA say so and are skipped. On two GPUs or more
+it also runs the engine at tensor parallel 2 over NCCL against TP 1.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from decode_path_check import check_decode_path  # noqa: E402
 from paged import PagedDriver  # noqa: E402
+from test_engine import run as run_workload  # noqa: E402
+from test_engine import workload  # noqa: E402
 
 from maverick.checkpoint import load_model  # noqa: E402
+from maverick.engine.api import EngineConfig  # noqa: E402
+from maverick.engine.llm_engine import LLMEngine  # noqa: E402
 from maverick.layers.fp8 import fp8_linear, fp8_supported, quantize_rowwise  # noqa: E402
+from maverick.tokenizer import Tokenizer  # noqa: E402
 
 NEW_TOKENS = 32
 
@@ -108,6 +114,50 @@ def bench_fp8_linear(device: torch.device, report: dict) -> None:
             print(f"fp8_linear {name} {row}")
 
 
+def check_tensor_parallel(model_dir: str, device: torch.device, report: dict) -> None:
+    """The engine at TP 1 and TP 2 on the 19-request workload (3 with images, chunked prefill):
+    NCCL across two GPUs, each rank's CUDA graphs replaying the decode batches rank 0 sends. fp32
+    with dequantized experts must give identical tokens (as on the CPU, tests/test_tensor_parallel.py);
+    bf16 (+ FP8 experts where supported) is reported as the share of equal requests. On the CPU it
+    runs over gloo, to check the script."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        report["tensor_parallel"] = {"skipped": "needs 2 GPUs; this machine has 1"}
+        return
+    reqs = workload(Tokenizer.from_dir(model_dir))
+    variants = [("fp32 dequant", "float32", "dequant")]
+    if fp8_supported(device):
+        variants.append(("bf16 + fp8 experts", "bfloat16", "fp8"))
+    out = report["tensor_parallel"] = {}
+    for name, dtype, experts in variants:
+        tokens, seconds = {}, {}
+        for tp in (1, 2):
+            config = EngineConfig(
+                model_dir=model_dir,
+                device=str(device),
+                dtype=dtype,
+                experts=experts,
+                tensor_parallel_size=tp,
+                num_kv_blocks=256,
+                max_num_batched_tokens=64,
+            )
+            engine = LLMEngine(config)
+            try:
+                t0 = time.perf_counter()
+                tokens[tp] = run_workload(engine, reqs)
+                seconds[tp] = time.perf_counter() - t0
+            finally:
+                engine.close()
+        same = sum(tokens[2][r] == tokens[1][r] for r in tokens[1])
+        out[name] = {
+            "requests_equal": f"{same}/{len(tokens[1])}",
+            "seconds_tp1": seconds[1],
+            "seconds_tp2": seconds[2],
+        }
+        print(f"tensor_parallel {name} {out[name]}")
+    if out["fp32 dequant"]["requests_equal"] != f"{len(reqs)}/{len(reqs)}":
+        raise AssertionError(f"TP 2 differs from TP 1 in fp32: {out['fp32 dequant']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", default="models/tiny-maverick")
@@ -128,6 +178,7 @@ def main() -> None:
     if fp8_supported(device):
         sections.append(("fp8_linear", lambda: bench_fp8_linear(device, report)))
     sections.append(("decode_path", lambda: check_decode_path(args.model_dir, device, report)))
+    sections.append(("tensor_parallel", lambda: check_tensor_parallel(args.model_dir, device, report)))
     # One GPU session is short: a section that raises is recorded and the others still run.
     failed = report["failed_sections"] = {}
     for name, run in sections:
