@@ -2,23 +2,27 @@
 
     python -m server.launch [--profile cpu-tiny] [--model-dir DIR] [--http-port 8000] [--grpc-port 8001]
                             [--metrics-port 8002] [--engine key=value ...] [--trace-file FILE]
-                            [--serving-nice N]
+                            [--serving-nice N] [--build-dir DIR] [--liveness-interval S] ...
 
 Finds the server: the NGC container's `/opt/tritonserver`, else the one the `nvidia-pytriton`
 wheel carries (Triton 2.51), whose Python backend gets the stub built for the running Python.
-Renders the repository into `build/model_repository` for a deployment profile (server/profiles/:
-the `maverick` model's instance group and engine settings), with the checkpoint folder and the
---engine overrides written into the models' parameters (absolute paths); refuses, before starting
-anything, a checkpoint the profile cannot split or hold (maverick/plan.py); lets the stub see this Python's
-packages, PYTHONPATH first (MAVERICK_SITE_PACKAGES), tells the stubs how far to step below the
-engine process in priority (MAVERICK_SERVING_NICE, see maverick/serving/priority.py), and runs the
-server in the foreground.
+Renders the repository into `build/http-PORT/model_repository` (one per server) for a deployment
+profile (server/profiles/: the `maverick` model's instance group and engine settings), with the
+checkpoint folder and the --engine overrides written into the models' parameters (absolute
+paths); refuses, before starting anything, a checkpoint the profile cannot split or hold
+(maverick/plan.py) and a port in use; removes the shared-memory regions a killed server on the
+same port left; lets the stub see this Python's packages, PYTHONPATH first
+(MAVERICK_SITE_PACKAGES), tells the stubs how far to step below the engine process in priority
+(MAVERICK_SERVING_NICE, see maverick/serving/priority.py), and runs the server as its child until
+it stops, probing that the whole stack answers (server/liveness.py): a wedged stack is stopped and
+the launcher exits with status 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -27,6 +31,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -44,11 +49,13 @@ from maverick.serving.profile import (
     profile_engine_config,
     profile_names,
 )
+from server.liveness import LivenessPolicy, LivenessProbe
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
 NGC_SERVER = Path("/opt/tritonserver")
 MODELS_WITH_CHECKPOINT = ("preprocessing", "maverick")
+EXIT_WEDGED = 3  # the liveness probe stopped the server (server/liveness.py)
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
         "--exit-timeout-secs=10",
         # Python backend shared-memory regions are named by this prefix: two servers on one host
         # must not share it.
-        f"--backend-config=python,shm-region-prefix-name=maverick_{cfg.http_port}_",
+        f"--backend-config=python,shm-region-prefix-name={shm_region_prefix(cfg.http_port)}",
     ]
     if cfg.trace_file is not None:
         # every request (rate 1), its timestamps only, one file written when the server stops
@@ -305,6 +312,27 @@ def main() -> None:
     )
     ap.add_argument("--log-verbose", type=int, default=0)
     ap.add_argument(
+        "--build-dir",
+        type=Path,
+        default=None,
+        help="where the rendered model repository goes (writable; default build/http-PORT, one per "
+        "server, so two servers from one checkout keep their own; the images use one under /tmp)",
+    )
+    policy = LivenessPolicy()
+    ap.add_argument(
+        "--liveness-interval",
+        type=float,
+        default=policy.interval_s,
+        help="seconds between the one-token requests that check the whole stack answers (0: off)",
+    )
+    ap.add_argument("--liveness-timeout", type=float, default=policy.timeout_s)
+    ap.add_argument(
+        "--liveness-failures",
+        type=int,
+        default=policy.failures,
+        help=f"wedged probes in a row before the server is stopped (exit status {EXIT_WEDGED})",
+    )
+    ap.add_argument(
         "--trace-file",
         type=Path,
         default=None,
@@ -331,6 +359,7 @@ def main() -> None:
         args.grpc_port,
         args.metrics_port,
         dict(args.engine),
+        build_dir=args.build_dir or ROOT / "build" / f"http-{args.http_port}",
         log_verbose=args.log_verbose,
         trace_file=args.trace_file,
         serving_nice=args.serving_nice,
@@ -340,6 +369,10 @@ def main() -> None:
         plan = check_deployment(cfg)
     except (ConfigError, ProfileError, ValueError) as e:
         sys.exit(f"profile {cfg.profile} cannot serve {cfg.model_dir}: {e}")
+    if not port_free(cfg.http_port):
+        sys.exit(f"port {cfg.http_port} is in use: another server? (`make stop HTTP_PORT={cfg.http_port}`)")
+    for path in remove_stale_regions(cfg.http_port):
+        print(f"removed {path}, left by a server on port {cfg.http_port} that did not stop cleanly")
     cmd, env = server_command(cfg)
     print(
         f"serving {cfg.model_dir} with {cmd[0]}\n"
@@ -348,10 +381,86 @@ def main() -> None:
         f"  HTTP    http://localhost:{cfg.http_port}  (POST /v2/models/ensemble/generate_stream)\n"
         f"  gRPC    localhost:{cfg.grpc_port}\n"
         f"  metrics http://localhost:{cfg.metrics_port}/metrics\n"
-        "Ctrl-C (or `make stop`) stops it.",
+        f"Ctrl-C (or `make stop HTTP_PORT={cfg.http_port}`) stops it.",
         flush=True,
     )
-    os.execvpe(cmd[0], cmd, env)
+    policy = LivenessPolicy(args.liveness_interval, args.liveness_timeout, args.liveness_failures)
+    sys.exit(run_server(cmd, env, cfg, policy))
+
+
+def run_server(cmd: list[str], env: dict[str, str], cfg: ServeConfig, policy: LivenessPolicy) -> int:
+    """tritonserver as this process's child, in a session of its own: Ctrl-C and SIGTERM reach this
+    launcher, which passes one SIGINT on (Triton's clean stop); if the launcher dies the server gets
+    SIGTERM (PR_SET_PDEATHSIG). The liveness probe stops a wedged server. Returns the server's
+    exit status, or EXIT_WEDGED."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    wedged = threading.Event()
+
+    def on_wedged(reason: str) -> None:
+        if proc.poll() is not None:
+            return  # it stopped on its own meanwhile
+        print(f"liveness: the stack does not answer ({reason}); stopping the server", file=sys.stderr)
+        wedged.set()
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+            return
+        proc.kill()
+
+    probe = LivenessProbe(f"localhost:{cfg.http_port}", policy, lambda: _ready(cfg.http_port), on_wedged)
+
+    def stop(*_):
+        probe.stop()  # a server on its way down stops answering: not a wedge
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    probe.start()
+    status = proc.wait()
+    probe.stop()
+    # stubs and engine processes left by a server that gave up at its exit timeout share its group
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return EXIT_WEDGED if wedged.is_set() else status
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://localhost:{http_port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def shm_region_prefix(http_port: int) -> str:
+    """The Python backend's shared-memory regions of the server on this HTTP port."""
+    return f"maverick_{http_port}_"
+
+
+def remove_stale_regions(http_port: int) -> list[Path]:
+    """Remove /dev/shm regions a killed server on this port left (call with the port free: no
+    living server owns them then); returns them."""
+    shm = Path("/dev/shm")
+    stale = sorted(shm.glob(f"{shm_region_prefix(http_port)}*")) if shm.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ answer; `make stop` ends the server cleanly."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import psutil
 from conftest import free_ports
 
 from maverick.serving.response_window import BOARD_PREFIX, board_dir
+from server.launch import shm_region_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,9 +37,29 @@ def _ack_boards() -> set[Path]:
     return set(board_dir().glob(f"{BOARD_PREFIX}*"))
 
 
-def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path):
+def _held(board: Path) -> bool:
+    """Whether a living process holds the board's lock (its creator does while it lives)."""
+    try:
+        fd = os.open(board, os.O_RDWR)
+    except FileNotFoundError:
+        return True  # removed meanwhile: not left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path, triton):
+    """`triton`: another server from this checkout, on other ports, which `make stop HTTP_PORT=`
+    must leave serving. A shared-memory region that a killed server on the same port left behind
+    is removed at start."""
     http, grpc, metrics = free_ports(3)
     boards_before = _ack_boards()
+    stale = Path("/dev/shm") / f"{shm_region_prefix(http)}left_by_a_killed_server"
+    stale.write_bytes(b"\0" * 4096)
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     serve = subprocess.Popen(
         ["make", "serve", f"HTTP_PORT={http}", f"GRPC_PORT={grpc}", f"METRICS_PORT={metrics}"],
@@ -71,11 +94,14 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path):
         processes = psutil.Process(serve.pid).children(recursive=True)
         assert any("maverick.engine.engine_core" in " ".join(p.cmdline()) for p in processes)
     finally:
-        subprocess.run(["make", "stop"], cwd=ROOT, capture_output=True, timeout=30)
+        subprocess.run(["make", "stop", f"HTTP_PORT={http}"], cwd=ROOT, capture_output=True, timeout=30)
         assert serve.wait(timeout=30) == 0
         log.close()
+    assert not stale.exists()
+    assert _ready(triton.cfg.http_port, 1)  # the other server serves on
     # Nothing outlives the server: tritonserver, the models' stubs and the engine process, and
     # the maverick instance's shared-memory board.
     _, alive = psutil.wait_procs(processes, timeout=15)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-    assert _ack_boards() <= boards_before
+    # (boards that appeared meanwhile and are still held belong to other servers on this host)
+    assert not [b for b in _ack_boards() - boards_before if not _held(b)]

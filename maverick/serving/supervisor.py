@@ -47,7 +47,15 @@ class SupervisedEngine:
         return self._engine.healthy()
 
     def stats(self) -> dict[str, float]:
-        return self._engine.stats()
+        """The engine's counters while it runs, with `engine_up` (1 or 0) and `engine_restarts`.
+        While it is down: nothing runs, waits or holds KV blocks (its last figures would freeze on
+        a dashboard), and the totals stay where they were."""
+        engine = self._engine
+        up = engine.healthy()
+        stats = dict(engine.stats())
+        if not up:
+            stats.update(num_running=0, num_waiting=0, kv_blocks_used=0)
+        return {**stats, "engine_up": float(up), "engine_restarts": float(self.restarts)}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()

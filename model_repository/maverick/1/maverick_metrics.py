@@ -29,6 +29,10 @@ _GAUGES = {
         "maverick_prefix_cache_hit_rate",
         "Share of prompt tokens served by the prefix cache",
     ),
+    "engine_up": (
+        "maverick_engine_up",
+        "1 while the engine process serves, 0 while it is down or restarting",
+    ),
 }
 _COUNTERS = {
     "prompt_tokens_total": ("maverick_prompt_tokens_total", "Prompt tokens received"),
@@ -38,6 +42,7 @@ _COUNTERS = {
         "Prompt tokens served from the prefix cache",
     ),
     "num_preemptions": ("maverick_preemptions_total", "Sequences preempted for KV space"),
+    "engine_restarts": ("maverick_engine_restarts_total", "Times the engine process was started again"),
 }
 
 
@@ -106,6 +111,10 @@ class EngineMetrics:
             stats = self.engine.stats()
             for key, gauge in self.gauges.items():
                 gauge.set(float(stats.get(key, 0)))
+            restarts = stats.get("engine_restarts", 0.0)
+            if restarts != self.last.get("engine_restarts", 0.0):
+                # a new engine process counts from 0: its totals add to the series, not replace them
+                self.last = {"engine_restarts": self.last.get("engine_restarts", 0.0)}
             for key, counter in self.counters.items():
                 value = float(stats.get(key, 0))
                 if value > self.last.get(key, 0.0):
