@@ -5,6 +5,7 @@ PYTHON ?= python3
 NGC := $(wildcard /opt/tritonserver/bin/tritonserver)
 VENV ?= .venv
 PY := $(if $(NGC),$(PYTHON),$(VENV)/bin/python)
+HADOLINT := $(if $(NGC),hadolint,$(VENV)/bin/hadolint)
 EXTRAS := $(if $(NGC),client,test)
 DEFAULT_MODEL := models/tiny-maverick
 MODEL_DIR ?= $(DEFAULT_MODEL)
@@ -18,19 +19,24 @@ TRACE_FILE ?=
 SERVING_NICE ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tiny-model serve stop test lint format gpu-check bench loadtest clean
+.PHONY: help venv tiny-model serve stop test lint format gpu-check bench loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
 
 help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
 	@echo "                 (ENGINE_ARGS=\"key=value ...\", TRACE_FILE=path: Triton's per-request trace,"
 	@echo "                 SERVING_NICE=0..19: the stubs' niceness above the engine process, default 10)"
 	@echo "                 PROFILE=name: server/profiles/name.json (cpu-tiny, cpu-tp2, cpu-2x, h100x8-tp8, ...)"
-	@echo "make stop        stop it"
+	@echo "make stop        stop the server on HTTP_PORT"
 	@echo "make test        lint + the whole test suite (CPU)"
 	@echo "make tiny-model  build the embedded default checkpoint into $(DEFAULT_MODEL)"
 	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
 	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
+	@echo "make soak        10 minutes of Locust at saturation, memory of every server process watched (SOAK_USERS, SOAK_DURATION)"
+	@echo "make prometheus  Debian's prometheus and promtool into build/prometheus (for the monitoring test)"
+	@echo "make docker-build  the container images (docker/): IMAGE=gpu or cpu for one, DOCKER=podman"
+	@echo "make docker-serve  the GPU image: PROFILE, MODEL_DIR (mounted read-only), ports as make serve"
+	@echo "make docker-serve-cpu  the CPU image, anywhere: its embedded tiny checkpoint by default"
 	@echo "make lint | format | clean"
 	@echo "README.md: quick start and status; docs/: api, deployment, architecture, performance, validation, development"
 
@@ -55,19 +61,42 @@ serve: venv $(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),tiny-model)
 		$(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS)) \
 		$(if $(TRACE_FILE),--trace-file $(TRACE_FILE)) --serving-nice $(SERVING_NICE)
 
+# The server on HTTP_PORT only (another on other ports keeps serving): its launcher stops it.
 stop:
-	-pkill -INT -f "[t]ritonserver --model-repository=$(CURDIR)/build/model_repository"
+	-pkill -INT -f "[s]erver\.launch .*--http-port[ =]$(HTTP_PORT)( |$$)"
 
+# Deployment files too: YAML style (.yamllint), the Kubernetes manifests against the API's schemas
+# (offline, strict: an unknown field fails), and the Prometheus config with promtool where there is
+# one (`make prometheus` unpacks it into build/prometheus; `make test` does that first).
 lint: venv
 	$(PY) -m ruff check maverick tests scripts client server model_repository loadtest
 	$(PY) -m ruff format --check maverick tests scripts client server model_repository loadtest
+	$(HADOLINT) docker/Dockerfile docker/Dockerfile.cpu
+	$(PY) -m yamllint --strict .yamllint docker
+	$(PY) -m kubernetes_validate --strict --quiet $$(find docker/k8s -name '*.yaml' | sort)
+	@promtool=$$(ls $(PROMETHEUS_DIR)/usr/bin/promtool 2>/dev/null || command -v promtool || true); \
+	if [ -n "$$promtool" ]; then echo "$$promtool check config docker/prometheus/prometheus.yml"; \
+		"$$promtool" check config docker/prometheus/prometheus.yml; \
+	else echo "no promtool (make prometheus): docker/prometheus/prometheus.yml not checked"; fi
 
 format: venv
 	$(PY) -m ruff format maverick tests scripts client server model_repository loadtest
 	$(PY) -m ruff check --fix maverick tests scripts client server model_repository loadtest
 
-test: venv tiny-model lint
+test: venv tiny-model prometheus lint
 	$(PY) -m pytest -q
+
+# Prometheus for tests/test_monitoring.py (and promtool for lint): Debian's package unpacked into
+# build/prometheus, no service, no root needed once the package lists are there (as root, the lists
+# are fetched when the first try fails). Where it cannot be had this warns, and that test skips.
+PROMETHEUS_DIR := build/prometheus
+$(PROMETHEUS_DIR)/usr/bin/prometheus:
+	@mkdir -p build/prometheus-deb && cd build/prometheus-deb && rm -f prometheus_*.deb && \
+	{ apt-get download -q prometheus || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get download -q prometheus; }; } && \
+	dpkg-deb -x prometheus_*.deb ../prometheus && test -x ../prometheus/usr/bin/prometheus \
+	|| echo "WARNING: no Debian prometheus package (apt-get download prometheus failed): tests/test_monitoring.py will skip"
+
+prometheus: $(PROMETHEUS_DIR)/usr/bin/prometheus
 
 gpu-check: venv tiny-model
 	$(PY) scripts/gpu_check.py --model-dir $(MODEL_DIR)
@@ -90,6 +119,44 @@ loadtest: venv
 	$(PY) -m loadtest --host $(LOADTEST_HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--protocol $(LOADTEST_PROTOCOL) --users $(USERS) --duration $(DURATION) --workload $(WORKLOAD) \
 		$(if $(wildcard $(MODEL_DIR)/tokenizer.json),--tokenizer $(MODEL_DIR)) $(LOADTEST_ARGS)
+
+# Locust at saturation for SOAK_DURATION against a running server, watching each server process's
+# memory: fails on any error, a KV cache not back to 0, or RSS growth above 1% per 10 minutes.
+SOAK_USERS ?= 16
+SOAK_DURATION ?= 10m
+soak: venv
+	$(PY) -m loadtest.soak --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --grpc-port $(GRPC_PORT) \
+		--protocol both --users $(SOAK_USERS) --duration $(SOAK_DURATION) \
+		$(if $(wildcard $(MODEL_DIR)/tokenizer.json),--tokenizer $(MODEL_DIR)) $(LOADTEST_ARGS)
+
+# Container images (docker/). DOCKER=podman works too (GPUs there: DOCKER_GPUS="--device
+# nvidia.com/gpu=all"). The checkpoint is mounted read-only at /models; the default one is the image's
+# own. --shm-size: the Python backend's tensors and NCCL go through /dev/shm (Docker gives 64 MB);
+# memlock and stack as NVIDIA runs its GPU images; --init reaps what the server's children leave.
+DOCKER ?= docker
+IMAGE ?= gpu cpu
+DOCKER_IMAGE ?= maverick-triton
+DOCKER_BUILD_ARGS ?=
+DOCKER_GPUS ?= --gpus all
+DOCKER_SHM_SIZE ?= 16g
+DOCKER_RUN = $(DOCKER) run --rm --init -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
+	$(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),,-v $(abspath $(MODEL_DIR)):/models:ro -e MODEL_DIR=/models) \
+	-e PROFILE=$(PROFILE) -e SERVING_NICE=$(SERVING_NICE) $(if $(ENGINE_ARGS),-e "ENGINE_ARGS=$(ENGINE_ARGS)")
+
+docker-build: $(addprefix docker-build-,$(IMAGE))
+
+docker-build-gpu:
+	$(DOCKER) build -f docker/Dockerfile -t $(DOCKER_IMAGE):gpu $(DOCKER_BUILD_ARGS) .
+
+docker-build-cpu:
+	$(DOCKER) build -f docker/Dockerfile.cpu -t $(DOCKER_IMAGE):cpu $(DOCKER_BUILD_ARGS) .
+
+docker-serve:
+	$(DOCKER_RUN) $(DOCKER_GPUS) --shm-size=$(DOCKER_SHM_SIZE) --ulimit memlock=-1 --ulimit stack=67108864 \
+		$(DOCKER_IMAGE):gpu
+
+docker-serve-cpu:
+	$(DOCKER_RUN) --shm-size=2g $(DOCKER_IMAGE):cpu
 
 clean:
 	rm -rf $(VENV) models results build .pytest_cache .ruff_cache

@@ -201,6 +201,9 @@ def write_checkpoint(out_dir: str | Path, seed: int = 0, bf16: bool = False) -> 
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{NUM_SHARDS:05d}.safetensors"
         save_file({n: tensors[n].contiguous() for n in shard}, out / fname, metadata={"format": "pt"})
+        # safetensors writes its files owner-only (0600); readable like the JSON beside them, so that
+        # a server running as another user (the images' non-root one) can load what root built
+        (out / fname).chmod(0o644)
         weight_map.update({n: fname for n in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

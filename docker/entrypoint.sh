@@ -1,0 +1,27 @@
+#!/bin/sh
+# The images' entrypoint: `make serve`'s launcher, configured from the environment. It runs outside
+# a container too, with the project installed (`make venv`) and its Python first on PATH or in PYTHON.
+# Each variable is optional; unset, the launcher's default holds (those of `make serve`):
+#   MODEL_DIR     checkpoint folder (the embedded tiny checkpoint, models/tiny-maverick)
+#   PROFILE       server/profiles/NAME.json (cpu-tiny)
+#   HTTP_PORT, GRPC_PORT, METRICS_PORT   (8000, 8001, 8002)
+#   ENGINE_ARGS   "key=value ..." engine settings over the profile's
+#   SERVING_NICE  how far the stubs step below the engine process in priority (10)
+#   TRACE_FILE    Triton's per-request trace, written when the server stops
+#   BUILD_DIR     a writable folder for the rendered model repository (one under build/)
+# Arguments go to the launcher after these (`python -m server.launch --help`).
+set -eu
+set -f  # ENGINE_ARGS is split into words below, never globbed
+# exec: the launcher takes this shell's place (PID 1 in a container), so `docker stop`'s SIGTERM and
+# Ctrl-C's SIGINT reach it, and it stops the server cleanly.
+exec "${PYTHON:-python3}" -m server.launch \
+    ${MODEL_DIR:+--model-dir "$MODEL_DIR"} \
+    ${PROFILE:+--profile "$PROFILE"} \
+    ${HTTP_PORT:+--http-port "$HTTP_PORT"} \
+    ${GRPC_PORT:+--grpc-port "$GRPC_PORT"} \
+    ${METRICS_PORT:+--metrics-port "$METRICS_PORT"} \
+    ${SERVING_NICE:+--serving-nice "$SERVING_NICE"} \
+    ${TRACE_FILE:+--trace-file "$TRACE_FILE"} \
+    ${BUILD_DIR:+--build-dir "$BUILD_DIR"} \
+    ${ENGINE_ARGS:+--engine $ENGINE_ARGS} \
+    "$@"
