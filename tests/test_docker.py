@@ -147,7 +147,9 @@ def test_the_build_context_leaves_out_what_is_made_here():
 
 def _make_n(*args: str) -> list[str]:
     """The words of the commands `make -n ARGS` would run."""
-    out = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    # --no-print-directory: under `make test` (a sub-make) make would print "Entering directory"
+    cmd = ["make", "-n", "--no-print-directory", *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return shlex.split(out.stdout.replace("\\\n", " "))
 
 
