@@ -45,6 +45,7 @@ SCALARS = {
     "include_stop_str_in_output": ("BOOL", bool),
     "exclude_input_in_output": ("BOOL", bool),
     "apply_chat_template": ("BOOL", bool),
+    "allow_special_tokens": ("BOOL", bool),
     "return_log_probs": ("BOOL", bool),
     "return_num_input_tokens": ("BOOL", bool),
     "return_num_output_tokens": ("BOOL", bool),

@@ -9,6 +9,8 @@
 #   SERVING_NICE  how far the stubs step below the engine process in priority (10)
 #   TRACE_FILE    Triton's per-request trace, written when the server stops
 #   BUILD_DIR     a writable folder for the rendered model repository (one under build/)
+#   ADMIN_KEY     Triton's admin APIs (repository control, trace, logging, shared memory) only with
+#                 this key in an `admin-key` header; read by the launcher itself (never on a command line)
 # Arguments go to the launcher after these (`python -m server.launch --help`).
 set -eu
 set -f  # ENGINE_ARGS is split into words below, never globbed

@@ -139,7 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(
                 f"{name} grew {r['pct_per_10min']:.2f}% per 10 min (limit {args.max_rss_growth}%)"
             )
-    report = {"rss": rss, "kv_blocks_used_after": kv_used, "running_after": running, "problems": problems}
+    series = [
+        {"t_s": round(t, 1), **{k: v and round(v / 2**20, 2) for k, v in sample.items()}}
+        for t, sample in sampler.samples
+    ]
+    report = {
+        "rss": rss,
+        "kv_blocks_used_after": kv_used,
+        "running_after": running,
+        "problems": problems,
+        "rss_mb_series": series,  # every sample, to tell a warm-up from a leak
+    }
     (args.out / "soak.json").write_text(json.dumps(report, indent=2))
     lines = [
         "| process | RSS after warm-up (MiB) | RSS at end (MiB) | growth (%/10 min) |",

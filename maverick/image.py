@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import platform
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,18 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MA
 
     The pixel count is checked from the header before any pixel is decoded.
     """
+    return decode_image(open_image(data, max_pixels=max_pixels, max_bytes=max_bytes))
+
+
+# Pillow's decompression-bomb warning is made an error while a header is read; catch_warnings
+# changes the process's filters, so one thread at a time.
+_HEADER_LOCK = threading.Lock()
+
+
+def open_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> Image.Image:
+    """The image's header, checked: format, size and pixel count. No pixel is decoded yet: its
+    `size` (before EXIF rotation, which does not change the tile count) is what the prompt's
+    image tokens follow from (`image_token_count`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageError(f"image must be bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -57,8 +70,7 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MA
         raise ImageError(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
     try:
         # Pillow warns (and past twice its limit raises) on huge headers; make both our error.
-        # catch_warnings is process-wide, but it only adds an "error" filter for Pillow's own warning.
-        with warnings.catch_warnings():
+        with _HEADER_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -75,12 +87,19 @@ def load_image(data: bytes, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MA
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
         )
+    return image
+
+
+def decode_image(image: Image.Image) -> Image.Image:
+    """The pixels of an image from `open_image`: EXIF rotation applied, RGB."""
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as exc:  # truncated or corrupt pixel data
-        raise ImageError(f"cannot decode the {image.format} image ({width}x{height}): {exc}") from None
+        raise ImageError(
+            f"cannot decode the {image.format} image ({image.width}x{image.height}): {exc}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -281,6 +300,17 @@ def image_prompt_ids(
             out.append(ids.tile_y_sep)
     out += [ids.image, *patches, ids.image_end]
     return out
+
+
+def image_token_count(
+    height: int, width: int, *, max_tiles: int = MAX_TILES, tokens_per_tile: int = TOKENS_PER_TILE
+) -> int:
+    """How many ids `image_prompt_ids` lays out for an image of this size, from its size alone (a
+    header's): the tile count decides it, and a rotated image takes the rotated grid, of as many
+    tiles."""
+    rows, cols = best_grid(height, width, max_tiles=max_tiles)
+    tiles = rows * cols
+    return tokens_per_tile + 3 + (tiles * (tokens_per_tile + 1) if tiles > 1 else 0)
 
 
 def expand_image_placeholders(

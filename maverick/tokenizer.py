@@ -13,12 +13,18 @@ fixed-size context (see `detokenize_incrementally`).
 
 Output text skips special tokens by default, so stop tokens (end_of_text, eom, eot) and image
 tokens never show; `skip_special_tokens=False` shows them all.
+
+Special-token text in chat content ("<|eot|>" typed by a user) is plain text by default, as Meta's
+reference tokenizes message content: only the chat format's own markers become control tokens, so
+a message cannot forge a turn (`encode_chat`). A raw prompt (`encode`) is the caller's own format
+and its special-token text is parsed.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +58,15 @@ def byte_symbols() -> list[str]:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    text: str  # Llama 4 chat text, starting with <|begin_of_text|>; one <|image|> per image
+    # (text, is_control): the chat format's control tokens (`<|eot|>`, one <|image|> per image
+    # part...) apart from the text between them (role names, message content), which is plain text
+    segments: tuple[tuple[str, bool], ...]
     images: tuple[dict, ...]  # the image parts, in the order of their <|image|> placeholders
+
+    @property
+    def text(self) -> str:
+        """Llama 4 chat text, starting with <|begin_of_text|>."""
+        return "".join(text for text, _ in self.segments)
 
 
 class Tokenizer:
@@ -79,6 +92,8 @@ class Tokenizer:
             stop_ids = [self.token_id(t) for t in STOP_TOKENS]
         self.stop_ids = tuple(stop_ids)
         self.pad_id = pad_id if pad_id is not None else self.token_id("<|finetune_right_pad|>")
+        self._plain: _HFTokenizer | None = None  # a copy that reads special-token text as text
+        self._plain_lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, checkpoint_dir: str | Path) -> Tokenizer:
@@ -126,12 +141,53 @@ class Tokenizer:
 
     # --- text <-> ids ---
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings in it (e.g. "<|eot|>") become their special ids."""
+    def encode(self, text: str, add_bos: bool = False, *, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. Special-token strings in it (e.g. "<|eot|>") become their special
+        ids, or with parse_special=False are encoded as the text they are (byte-level BPE)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        hf = self._hf if parse_special else self._plain_tokenizer()
+        ids = hf.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
+
+    def _plain_tokenizer(self) -> _HFTokenizer:
+        # a second instance: the flag is the tokenizer's state, and requests run on several threads
+        with self._plain_lock:
+            if self._plain is None:
+                plain = _HFTokenizer.from_str(self._hf.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
+
+    def encode_chat(self, chat: ChatPrompt, allow_special_tokens: bool = False) -> list[int]:
+        """Token ids of a rendered chat: its control tokens as such, everything between them as
+        plain text, special-token strings included, unless allow_special_tokens (trusted callers:
+        then exactly `encode(chat.text)`). Without special-token text in the content both agree."""
+        if allow_special_tokens:
+            return self.encode(chat.text)
+        ids: list[int] = []
+        run: list[str] = []
+        for text, control in chat.segments:
+            if not control:
+                run.append(text)
+                continue
+            if run:  # the text between two control tokens is one span, as encode() splits it
+                ids += self.encode("".join(run), parse_special=False)
+                run = []
+            ids.append(self.token_id(text))
+        if run:
+            ids += self.encode("".join(run), parse_special=False)
+        return ids
+
+    def bad_words_ids(self, words: Iterable[str]) -> list[list[int]]:
+        """Each word as token ids, alone and after a space (how it appears mid-sentence)."""
+        out: list[list[int]] = []
+        for word in words:
+            for variant in dict.fromkeys((word, " " + word.lstrip())):
+                ids = self.encode(variant)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         dec = codecs.getincrementaldecoder("utf-8")("replace")
@@ -184,8 +240,9 @@ class Tokenizer:
         then the assistant header if add_generation_prompt. Role "tool" is written as "ipython".
         System text is trimmed (as the release's template does); other content is kept as is.
         Image parts ({"type": "image" | "image_url"}, user and assistant only) become one <|image|>
-        each. `system` is a convenience for a leading system message. Same output as the
-        chat_template in tokenizer_config.json (maverick.tiny_tokenizer.CHAT_TEMPLATE).
+        each. `system` is a convenience for a leading system message. Same text as the
+        chat_template in tokenizer_config.json (maverick.tiny_tokenizer.CHAT_TEMPLATE); the segments
+        tell its control tokens from the content (`encode_chat`).
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -193,16 +250,20 @@ class Tokenizer:
             if _role_of(messages[0], 0) == "system":
                 raise ValueError("system= given and messages[0] is a system message too")
             messages = [{"role": "system", "content": system}, *messages]
-        parts, images = ["<|begin_of_text|>"], []
+        segments, images = [("<|begin_of_text|>", True)], []
         for n, message in enumerate(messages):
             role = _role_of(message, n)
-            text = _content_text(message, role, n, images)
-            if role == "system":
-                text = text.strip()
-            parts.append(f"<|header_start|>{role}<|header_end|>\n\n{text}<|eot|>")
+            content = _content_segments(message, role, n, images)
+            if role == "system":  # no images in a system message: its content is one text
+                content = [("".join(text for text, _ in content).strip(), False)]
+            segments += [*_header(role), *content, ("<|eot|>", True)]
         if add_generation_prompt:
-            parts.append("<|header_start|>assistant<|header_end|>\n\n")
-        return ChatPrompt("".join(parts), tuple(images))
+            segments += _header("assistant")
+        return ChatPrompt(tuple((text, control) for text, control in segments if text), tuple(images))
+
+
+def _header(role: str) -> list[tuple[str, bool]]:
+    return [("<|header_start|>", True), (role, False), ("<|header_end|>", True), ("\n\n", False)]
 
 
 def _role_of(message: object, n: int) -> str:
@@ -218,14 +279,14 @@ def _role_of(message: object, n: int) -> str:
     return role
 
 
-def _content_text(message: dict, role: str, n: int, images: list[dict]) -> str:
+def _content_segments(message: dict, role: str, n: int, images: list[dict]) -> list[tuple[str, bool]]:
     if message.get("tool_calls"):
         raise ValueError(f"messages[{n}]: tool_calls are not supported; put the call text in content")
     content = message.get("content")
     if content is None:
         raise ValueError(f"messages[{n}] ({role}) has no content")
     if isinstance(content, str):
-        return content
+        return [(content, False)]
     if not isinstance(content, (list, tuple)):
         got = type(content).__name__
         raise ValueError(f"messages[{n}].content must be a str or a list of parts, got {got}")
@@ -239,15 +300,15 @@ def _content_text(message: dict, role: str, n: int, images: list[dict]) -> str:
             if not isinstance(part.get("text"), str):
                 got = type(part.get("text")).__name__
                 raise ValueError(f"{where}: a text part needs a str 'text', got {got}")
-            out.append(part["text"])
+            out.append((part["text"], False))
         elif kind in IMAGE_PART_TYPES:
             if role not in IMAGE_ROLES:
                 raise ValueError(f"{where}: images belong in user or assistant messages, not {role}")
-            out.append("<|image|>")
+            out.append(("<|image|>", True))
             images.append(part)
         else:
             raise ValueError(f"{where}: unsupported part type {kind!r} (expected text, image or image_url)")
-    return "".join(out)
+    return out
 
 
 class IncrementalDetokenizer:

@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
 NGC_SERVER = Path("/opt/tritonserver")
 MODELS_WITH_CHECKPOINT = ("preprocessing", "maverick")
+ADMIN_APIS = "model-repository,trace,logging,shared-memory"  # Triton's restricted-API categories
 EXIT_WEDGED = 3  # the liveness probe stopped the server (server/liveness.py)
 
 
@@ -77,6 +78,9 @@ class ServeConfig:
     trace_file: Path | None = None  # Triton traces every request's timestamps here (written at exit)
     serving_nice: int = SERVING_NICE  # the stubs' niceness above the engine process (0: equal)
     profile: str = DEFAULT_PROFILE  # server/profiles/<profile>.json: instance group, engine settings
+    # Triton's admin APIs (model repository control, tracing, logging, shared memory) need this key
+    # in a header; None leaves them open, as Triton does. Inference is never gated (docs/api.md).
+    admin_key: str | None = None
 
 
 def free_ports(n: int) -> list[int]:
@@ -162,11 +166,15 @@ def render_repository(cfg: ServeConfig) -> Path:
         path = out / model / "config.pbtxt"
         path.write_text(_set_parameter(path.read_text(), "model_dir", str(cfg.model_dir.resolve())))
     profile = load_profile(cfg.profile)
+    settings = {**profile.engine, **cfg.engine}  # --engine overrides the profile
     path = out / "maverick" / "config.pbtxt"
     text = _set_instance_group(path.read_text(), profile)
-    for key, value in {**profile.engine, **cfg.engine}.items():  # --engine overrides the profile
+    for key, value in settings.items():
         text = _set_parameter(text, key, value)
     path.write_text(text)
+    # preprocessing refuses a prompt the engine cannot hold before it decodes any image
+    path = out / "preprocessing" / "config.pbtxt"
+    path.write_text(_set_parameter(path.read_text(), "max_model_len", settings.get("max_model_len", "")))
     return out
 
 
@@ -211,6 +219,12 @@ def server_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str]]:
         # must not share it.
         f"--backend-config=python,shm-region-prefix-name={shm_region_prefix(cfg.http_port)}",
     ]
+    if cfg.admin_key:
+        # HTTP: header `admin-key: KEY`; gRPC: metadata `triton-grpc-protocol-admin-key: KEY`
+        cmd += [
+            f"--http-restricted-api={ADMIN_APIS}:admin-key={cfg.admin_key}",
+            f"--grpc-restricted-protocol={ADMIN_APIS}:admin-key={cfg.admin_key}",
+        ]
     if cfg.trace_file is not None:
         # every request (rate 1), its timestamps only, one file written when the server stops
         # (log-frequency 0); `python -m loadtest.trace` reads it
@@ -318,6 +332,12 @@ def main() -> None:
         help="where the rendered model repository goes (writable; default build/http-PORT, one per "
         "server, so two servers from one checkout keep their own; the images use one under /tmp)",
     )
+    ap.add_argument(
+        "--admin-key",
+        default=os.environ.get("ADMIN_KEY") or None,
+        help="Triton's admin APIs (repository control, trace, logging, shared memory) only with this "
+        "key in the `admin-key` header (default: $ADMIN_KEY; unset, they are open)",
+    )
     policy = LivenessPolicy()
     ap.add_argument(
         "--liveness-interval",
@@ -364,6 +384,7 @@ def main() -> None:
         trace_file=args.trace_file,
         serving_nice=args.serving_nice,
         profile=args.profile,
+        admin_key=args.admin_key,
     )
     try:
         plan = check_deployment(cfg)

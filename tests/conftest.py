@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def start_triton(model_dir, build, engine: dict[str, str] | None = None, trace_f
         **serve,
     )
     return RunningServer(cfg, build / "server.log")
+
+
+def wait_ok(url: str, timeout: float, proc=None) -> bool:
+    """Whether GET url answers 200 within timeout seconds; False at once if `proc` (the server's
+    process, a Popen) exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def ready_url(http_port: int) -> str:
+    return f"http://localhost:{http_port}/v2/health/ready"
 
 
 def scrape_metrics(port: int) -> list[tuple[str, dict[str, str], float]]:

@@ -13,14 +13,14 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from conftest import free_ports
+from conftest import free_ports, ready_url, wait_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -195,19 +195,6 @@ def _stream(http_port: int, body: dict) -> list[dict]:
         ]
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the entrypoint exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"http://localhost:{port}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_the_entrypoint_serves_a_stream_and_stops_on_a_signal(tiny_ckpt, tmp_path, stop):
     """The images' environment, outside a container: the entrypoint execs the launcher (so the
@@ -224,6 +211,7 @@ def test_the_entrypoint_serves_a_stream_and_stops_on_a_signal(tiny_ckpt, tmp_pat
         METRICS_PORT=str(metrics),
         ENGINE_ARGS="max_num_seqs=8 max_num_batched_tokens=512",
         BUILD_DIR=str(tmp_path / "build"),
+        ADMIN_KEY="s3cret",
     )
     log_path = tmp_path / "entrypoint.log"
     with open(log_path, "w") as log:
@@ -232,9 +220,18 @@ def test_the_entrypoint_serves_a_stream_and_stops_on_a_signal(tiny_ckpt, tmp_pat
         )
     family: list[psutil.Process] = []
     try:
-        _wait_ready(proc, http, 180, log_path)
+        assert wait_ok(ready_url(http), 180, proc), log_path.read_text()[-3000:]
         launched = psutil.Process(proc.pid)  # exec'd: no shell left waiting between signal and server
         assert "entrypoint.sh" not in " ".join(launched.cmdline()), launched.cmdline()
+        # ADMIN_KEY: Triton's repository API only with the key; inference stays open (below)
+        index = f"http://localhost:{http}/v2/repository/index"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(index, data=b"{}"), timeout=5)
+        assert refused.value.code == 403
+        keyed = urllib.request.Request(index, data=b"{}", headers={"admin-key": "s3cret"})
+        with urllib.request.urlopen(keyed, timeout=5) as r:
+            assert {m["name"] for m in json.load(r)} >= {"ensemble", "maverick"}
+        assert "s3cret" not in " ".join(launched.cmdline())
         config = (tmp_path / "build" / "model_repository" / "maverick" / "config.pbtxt").read_text()
         assert re.search(r'key: "max_num_seqs" value: \{ string_value: "8" \}', config)
         assert str(tiny_ckpt) in config

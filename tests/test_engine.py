@@ -5,6 +5,7 @@ hits change nothing; every block comes back after completion, abort and failure.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -258,3 +259,6 @@ def test_bad_words_are_never_generated(tiny_ckpt, tok, reqs):
     engine = make_engine(tiny_ckpt)
     for word in engine._bad_words_ids((banned,)):
         assert all(tuple(got[i : i + len(word)]) != tuple(word) for i in range(len(got)))
+    # tokenized beforehand, as the server's preprocessing sends them: the same answer
+    ids = dataclasses.replace(free, bad_words_ids=tok.bad_words_ids([banned]))
+    assert run(engine, [("y", prompt, ids, 0)])["y"] == got

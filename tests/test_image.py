@@ -24,11 +24,14 @@ from maverick.image import (
     ImageError,
     ImageTokenIds,
     best_grid,
+    decode_image,
     expand_image_placeholders,
     fit_size,
     image_processor_config,
     image_prompt_ids,
+    image_token_count,
     load_image,
+    open_image,
     preprocess,
 )
 
@@ -263,6 +266,16 @@ def test_limits_are_parameters():
     assert load_image(data, max_pixels=2400).size == (60, 40)
 
 
+def test_open_image_reads_the_header_only():
+    # a 6000 x 4000 PNG header with 64 bytes of pixel data: opened at once, failing only to decode
+    opened = open_image(png_header(6000, 4000))
+    assert opened.size == (6000, 4000)
+    with pytest.raises(ImageError, match="cannot decode the PNG image"):
+        decode_image(opened)
+    data = encode(make_image(40, 60), "PNG")
+    assert np.array_equal(np.asarray(decode_image(open_image(data))), np.asarray(load_image(data)))
+
+
 # ------------------------------------------------------------------------------------------ prompt layout
 
 IDS = ImageTokenIds(image_start=1, image_end=2, image=3, patch=4, tile_x_sep=5, tile_y_sep=6)
@@ -278,6 +291,27 @@ def test_layout_grid():
     assert ids == [1] + row + row + [3, 4, 4, 2]
     assert len(image_prompt_ids((2, 2), IDS)) == 727
     assert len(image_prompt_ids((4, 4), IDS)) == 2467
+
+
+def test_token_count_from_the_size_alone():
+    """What the header's size promises is what the decoded image lays out, also when its EXIF
+    orientation turns it (the grid turns with it, with as many tiles)."""
+    rng = random.Random(3)
+    sizes = [(1, 1), (336, 336), (337, 336), (400, 300), (7000, 7000), (1, 100_000), (5017, 464)]
+    sizes += [(rng.randint(1, 6000), rng.randint(1, 6000)) for _ in range(300)]
+    for h, w in sizes:
+        n = len(image_prompt_ids(best_grid(h, w), IDS))
+        assert image_token_count(h, w) == image_token_count(w, h) == n, (h, w)
+    for h, w in [(40, 700), (300, 900)]:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # displayed turned: the decoded image is w x h
+        data = encode(make_image(h, w), "JPEG", exif=exif)
+        turned = preprocess(load_image(data))
+        assert turned.aspect_ratio == best_grid(w, h)
+        header = open_image(data)
+        assert image_token_count(header.height, header.width) == len(
+            image_prompt_ids(turned.aspect_ratio, IDS)
+        )
 
 
 def test_expand_placeholders():

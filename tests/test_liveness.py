@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-from conftest import free_ports
+from conftest import free_ports, ready_url, wait_ok
 
 from client.llm import HttpClient
 from server.launch import EXIT_WEDGED
@@ -44,14 +43,8 @@ def _launch(tiny_ckpt, tmp_path) -> tuple[subprocess.Popen, int]:
     ]
     log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - the process holds it
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://localhost:{http}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return proc, http
-        except OSError:
-            time.sleep(0.5)
+    if wait_ok(ready_url(http), 180, proc):
+        return proc, http
     proc.kill()
     raise AssertionError((tmp_path / "launch.log").read_text()[-3000:])
 

@@ -7,29 +7,15 @@ import fcntl
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import psutil
-from conftest import free_ports
+from conftest import free_ports, ready_url, wait_ok
 
 from maverick.serving.response_window import BOARD_PREFIX, board_dir
 from server.launch import shm_region_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ready(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://localhost:{port}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.5)
-    return False
 
 
 def _ack_boards() -> set[Path]:
@@ -68,7 +54,7 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path, triton):
         stderr=subprocess.STDOUT,
     )
     try:
-        assert _ready(http, 180), (tmp_path / "serve.log").read_text()[-3000:]
+        assert wait_ok(ready_url(http), 180, serve), (tmp_path / "serve.log").read_text()[-3000:]
         out = subprocess.run(
             [
                 sys.executable,
@@ -98,7 +84,7 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path, triton):
         assert serve.wait(timeout=30) == 0
         log.close()
     assert not stale.exists()
-    assert _ready(triton.cfg.http_port, 1)  # the other server serves on
+    assert wait_ok(ready_url(triton.cfg.http_port), 1)  # the other server serves on
     # Nothing outlives the server: tritonserver, the models' stubs and the engine process, and
     # the maverick instance's shared-memory board.
     _, alive = psutil.wait_procs(processes, timeout=15)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_ports
+from conftest import free_ports, wait_ok
 
 from client.llm import GrpcClient, HttpClient
 
@@ -119,17 +119,9 @@ class Prometheus:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"prometheus exited; see {self.log_path}"
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"prometheus not ready after 30 s; see {self.log_path}")
+        if not wait_ok(f"{self.url}/-/ready", 30, self.proc):
+            self.stop()
+            raise RuntimeError(f"prometheus not ready after 30 s; see {self.log_path}")
 
     def query(self, expr: str) -> list[dict]:
         """An instant query's result vector; a query Prometheus refuses fails here with its error."""

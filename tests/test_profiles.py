@@ -71,6 +71,8 @@ def test_every_profile_renders_a_config_triton_reads(tmp_path, name):
     # the engine accepts every parameter as rendered (what the stub does at load)
     engine = engine_config(params, ROOT, cuda=profile.on_gpu)
     assert engine.tensor_parallel_size == profile.tensor_parallel_size
+    # preprocessing refuses prompts by the engine's context length
+    assert _parameters(_parse(repo, "preprocessing"))["max_model_len"] == params.get("max_model_len", "")
 
 
 def test_engine_args_override_the_profile(tmp_path):
@@ -81,6 +83,8 @@ def test_engine_args_override_the_profile(tmp_path):
         "1",
         load_profile("cpu-tp2").engine["kv_cache_bytes"],
     )
+    repo = _render(tmp_path, "h100x8-tp8", {"max_model_len": "4096"})
+    assert _parameters(_parse(repo, "preprocessing"))["max_model_len"] == "4096"
 
 
 GOOD = {

@@ -156,3 +156,44 @@ def test_a_board_whose_owner_died_is_removed_by_the_next_one():
     assert board_path(alive_id).exists()
     AckBoard.create(num_slots=1).close()
     assert not board_path(alive_id).exists()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_silent_request_sends_a_heartbeat_once_nothing_is_in_flight(board):
+    clock = Clock()
+    stream = FlowControlledStream(board.window(limit=2), heartbeat_s=0.5, clock=clock)
+    clock.now = 0.4
+    assert stream.heartbeat() is None  # not silent long enough
+    clock.now = 0.5
+    beat = stream.heartbeat()
+    assert beat is not None and beat[:2] == (board.board_id, stream.window.slot)
+    clock.now = 2.0
+    assert stream.heartbeat() is None  # the last one is still in flight: postprocessing lags
+    Acknowledger()(beat)
+    second = stream.heartbeat()
+    assert second is not None
+    clock.now = 2.1
+    Acknowledger()(second)
+    _, ack = stream.offer(update([1]))  # a response leaves: silence starts again
+    Acknowledger()(ack)
+    clock.now = 2.5
+    assert stream.heartbeat() is None
+    clock.now = 2.6
+    assert stream.heartbeat() is not None
+
+
+def test_an_uncontrolled_request_beats_on_silence_alone():
+    clock = Clock()
+    stream = FlowControlledStream(None, heartbeat_s=0.5, clock=clock)
+    clock.now = 0.6
+    assert stream.heartbeat() == NO_ACK
+    assert stream.heartbeat() is None  # just sent
+    clock.now = 1.1
+    assert stream.heartbeat() == NO_ACK

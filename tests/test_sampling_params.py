@@ -134,3 +134,24 @@ def test_check_vocab():
     SamplingParams(stop_token_ids=[0, 99]).check_vocab(100)
     with pytest.raises(SamplingParamsError, match=r"stop_token_ids must be in \[0, 100\).*\[100\]"):
         SamplingParams(stop_token_ids=[5, 100]).check_vocab(100)
+
+
+def test_word_bytes_are_bounded():
+    SamplingParams(stop=["é" * 128], bad_words=["x" * 256])  # 256 bytes each: the limit
+    with pytest.raises(SamplingParamsError, match=r"stop\[1\] is 258 bytes; at most 256"):
+        SamplingParams(stop=["a", "é" * 129])
+    with pytest.raises(SamplingParamsError, match=r"bad_words\[0\] is 257 bytes; at most 256"):
+        SamplingParams(bad_words=["x" * 257])
+
+
+def test_bad_words_ids():
+    p = SamplingParams(bad_words_ids=[[5], [np.int64(4), 6]])
+    assert p.bad_words_ids == ((5,), (4, 6))
+    assert SamplingParams(**dataclasses.asdict(p)) == p  # as the request JSON carries it
+    bad = ([[]], [[-1]], [[1.0]], [[True]], [5], [[1] * 258], [[1]] * 129, "ab")
+    for ids in bad:
+        with pytest.raises(SamplingParamsError, match="bad_words_ids must be at most 128 non-empty lists"):
+            SamplingParams(bad_words_ids=ids)
+    p.check_vocab(7)
+    with pytest.raises(SamplingParamsError, match=r"bad_words_ids must be in \[0, 6\)"):
+        p.check_vocab(6)

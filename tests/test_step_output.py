@@ -22,7 +22,7 @@ def test_round_trip_keeps_every_field():
         finish_reason=b"stop",
         num_input_tokens=1234,
         log_probs=np.array([-0.25, -1e-9, -30.5], dtype=np.float32),
-        llm_request_id="req-é-1".encode(),
+        abort_handle="req-é-1".encode(),
         returns=RETURN_NUM_OUTPUT_TOKENS | RETURN_LOG_PROBS,
         ack=(2**62 - 1, 4095, (7 << 32) | 3),
     )
@@ -32,14 +32,14 @@ def test_round_trip_keeps_every_field():
     assert back.text.decode() == "naïve 日本 🙂" and back.finish_reason == b"stop"
     assert back.token_ids.tolist() == [5, 0, 2**31 - 1, 4047] and back.token_ids.dtype == np.int32
     assert back.log_probs.tolist() == step.log_probs.tolist() and back.log_probs.dtype == np.float32
-    assert back.num_input_tokens == 1234 and back.llm_request_id == "req-é-1".encode()
+    assert back.num_input_tokens == 1234 and back.abort_handle == "req-é-1".encode()
     assert back.returns == RETURN_NUM_OUTPUT_TOKENS | RETURN_LOG_PROBS and back.ack == step.ack
 
 
 def test_an_update_without_tokens_or_text():
     step = StepOutput(b"", np.zeros(0, np.int32), b"", 7, np.zeros(0, np.float32), b"r")
     back = StepOutput.from_array(step.to_array())
-    assert (back.text, back.finish_reason, back.llm_request_id, back.returns, back.ack) == (
+    assert (back.text, back.finish_reason, back.abort_handle, back.returns, back.ack) == (
         b"",
         b"",
         b"r",
@@ -69,3 +69,10 @@ def test_negative_sizes_are_refused():
     header[1] = -1  # token ids
     with pytest.raises(MalformedStepOutput):
         StepOutput.from_array(np.frombuffer(header.tobytes(), np.uint8)[None])
+
+
+def test_a_heartbeat_round_trips_without_output():
+    beat = StepOutput.from_array(StepOutput.beat(b"handle", (3, 1, 7)).to_array())
+    assert beat.heartbeat and beat.abort_handle == b"handle" and beat.ack == (3, 1, 7)
+    assert (beat.text, beat.finish_reason, beat.token_ids.size, beat.log_probs.size) == (b"", b"", 0, 0)
+    assert not StepOutput(b"x", np.zeros(0, np.int32), b"", 1, np.zeros(0, np.float32), b"r").heartbeat

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import start_triton
+from conftest import scrape_metrics, start_triton
 from test_triton import IMAGE_CHAT, TEXT_CHAT
 
 from client.llm import GrpcClient, HttpClient
@@ -81,6 +81,10 @@ def _ranks(server) -> list[int]:
     return [p for p in _descendants(server.proc.pid) if b"spawn_main" in _cmdline(p)]
 
 
+def _engine_metrics(server) -> dict[str, float]:
+    return {name: v for name, _, v in scrape_metrics(server.cfg.metrics_port) if name.startswith("maverick_")}
+
+
 def test_a_killed_rank_fails_its_requests_then_the_engine_serves_again(tiny_ckpt, tmp_path):
     """Its own server (the module's is left intact): rank 1 killed while a stream runs; the stream
     and the next request end with the engine's UNAVAILABLE error within seconds, the server keeps
@@ -107,6 +111,9 @@ def test_a_killed_rank_fails_its_requests_then_the_engine_serves_again(tiny_ckpt
                 grpc.generate(**short)
         with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live") as r:
             assert r.status == 200  # the server stays up
+        time.sleep(0.7)  # the metrics say the engine is down (sampled every 0.5 s; a restart takes seconds)
+        down = _engine_metrics(server)
+        assert down["maverick_engine_up"] == 0 and down["maverick_num_requests_running"] == 0, down
         # the stub logs when the new engine serves; requests before that get UNAVAILABLE
         log, deadline = server.cfg.build_dir / "server.log", time.monotonic() + 120
         while "the engine serves again" not in log.read_text() and time.monotonic() < deadline:
@@ -114,6 +121,11 @@ def test_a_killed_rank_fails_its_requests_then_the_engine_serves_again(tiny_ckpt
         with GrpcClient(server.grpc_url) as grpc:
             after = grpc.generate(**short)
         assert after is not None and (after.text, after.token_ids) == (before.text, before.token_ids)
+        time.sleep(1.2)
+        up = _engine_metrics(server)
+        assert up["maverick_engine_up"] == 1 and up["maverick_engine_restarts_total"] == 1, up
+        # the new engine's tokens add to the series
+        assert up["maverick_generation_tokens_total"] >= down["maverick_generation_tokens_total"] + 4
         assert len(_ranks(server)) == 1 and rank1 not in _ranks(server)
     finally:
         pids = _descendants(server.proc.pid)

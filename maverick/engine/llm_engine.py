@@ -199,7 +199,7 @@ class LLMEngine:
                 vocab_size=self.vocab_size,
                 device=self.device,
                 output_token_ids=output_ids,
-                bad_words_ids=self._bad_words_ids(params.bad_words),
+                bad_words_ids=[*params.bad_words_ids, *self._bad_words_ids(params.bad_words)],
             )
             return Sequence(
                 request_id=request_id,
@@ -215,14 +215,9 @@ class LLMEngine:
             raise RequestError(str(e)) from None
 
     def _bad_words_ids(self, words: tuple[str, ...]) -> list[list[int]]:
-        """Each bad word as tokens, alone and after a space (how it appears mid-sentence)."""
-        out = []
-        for word in words:
-            for variant in dict.fromkeys((word, " " + word.lstrip())):
-                ids = self.tokenizer.encode(variant)
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+        """Bad words given as text, tokenized here (bounded by SamplingParams' limits); the server's
+        preprocessing sends them as bad_words_ids instead, so its requests cost the loop nothing."""
+        return self.tokenizer.bad_words_ids(words)
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:

@@ -20,6 +20,9 @@ from maverick.engine.errors import SamplingParamsError
 DEFAULT_MAX_TOKENS = 1024
 MAX_STOP_STRINGS = 16
 MAX_BAD_WORDS = 64
+# UTF-8 bytes of one stop string or bad word: what the engine loop matches every token against
+# stays small (16 stop strings hold at most 4 KiB, 64 bad words 16 KiB)
+MAX_WORD_BYTES = 256
 MAX_SEED = 2**64  # exclusive: a seed is an unsigned 64-bit integer, as torch.Generator.manual_seed takes
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, as the OpenAI API
 
@@ -59,6 +62,13 @@ def _float(name: str, v: Any, lo: float, hi: float | None, *, lo_open: bool = Fa
     return x
 
 
+def _check_word_bytes(name: str, words: tuple[str, ...] | list[str]) -> None:
+    for i, w in enumerate(words):
+        n = len(w.encode("utf-8", "surrogatepass"))
+        if n > MAX_WORD_BYTES:
+            raise SamplingParamsError(f"{name}[{i}] is {n} bytes; at most {MAX_WORD_BYTES} (UTF-8) each")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = DEFAULT_MAX_TOKENS  # output tokens at most, >= 1
@@ -74,6 +84,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # non-empty strings, at most 16; output ends before the first one
     stop_token_ids: tuple[int, ...] = ()  # token ids >= 0 that end the request, besides EOS
     bad_words: tuple[str, ...] = ()  # never generated: each word's tokens (with and without a leading space)
+    # token sequences never generated, as a front-end tokenized bad_words (Tokenizer.bad_words_ids),
+    # so that the engine loop does not tokenize
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     ignore_eos: bool = False  # the model's EOS tokens do not end the request
     include_stop_str_in_output: bool = False  # the matched stop string is part of the output text
     logprobs: bool = False  # return the log-probability of each chosen token
@@ -98,6 +111,7 @@ class SamplingParams:
         set_("stop", self._stop_strings(self.stop))
         set_("stop_token_ids", self._stop_token_ids(self.stop_token_ids))
         set_("bad_words", self._strings("bad_words", self.bad_words, MAX_BAD_WORDS))
+        set_("bad_words_ids", self._token_sequences("bad_words_ids", self.bad_words_ids))
         for name in ("ignore_eos", "include_stop_str_in_output", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "true or false")
@@ -113,6 +127,7 @@ class SamplingParams:
                 raise _fail("stop", stop, "a list of non-empty strings")
         if len(stop) > MAX_STOP_STRINGS:
             raise _fail("stop", stop, f"a list of at most {MAX_STOP_STRINGS} strings")
+        _check_word_bytes("stop", stop)
         return tuple(stop)
 
     @staticmethod
@@ -123,7 +138,23 @@ class SamplingParams:
             raise _fail(name, words, "a list of non-empty strings")
         if len(words) > limit:
             raise _fail(name, words, f"a list of at most {limit} strings")
+        _check_word_bytes(name, words)
         return tuple(words)
+
+    @staticmethod
+    def _token_sequences(name: str, seqs: Any) -> tuple[tuple[int, ...], ...]:
+        # two variants of each bad word, each token at least one byte (and one more for the space)
+        limit, longest = 2 * MAX_BAD_WORDS, MAX_WORD_BYTES + 1
+        fail = SamplingParamsError(
+            f"{name} must be at most {limit} non-empty lists of at most {longest} token ids (integers >= 0)"
+        )
+        if not isinstance(seqs, (list, tuple)) or len(seqs) > limit:
+            raise fail
+        for seq in seqs:
+            ok = isinstance(seq, (list, tuple)) and 0 < len(seq) <= longest
+            if not ok or not all(_is_int(t) and t >= 0 for t in seq):
+                raise fail
+        return tuple(tuple(int(t) for t in seq) for seq in seqs)
 
     @staticmethod
     def _stop_token_ids(ids: Any) -> tuple[int, ...]:
@@ -140,9 +171,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise if a stop token id cannot be a token of a vocabulary of this size."""
+        """Raise if a stop or bad-word token id cannot be a token of a vocabulary of this size."""
         bad = [t for t in self.stop_token_ids if t >= vocab_size]
         if bad:
             raise SamplingParamsError(
                 f"stop_token_ids must be in [0, {vocab_size}) (the model's vocabulary), got {bad!r}"
             )
+        if any(t >= vocab_size for seq in self.bad_words_ids for t in seq):
+            raise SamplingParamsError(f"bad_words_ids must be in [0, {vocab_size}) (the model's vocabulary)")

@@ -7,7 +7,9 @@ with a message meant for the user; nothing is silently dropped or clamped.
 
 Between the preprocessing and the `maverick` step a request travels as tensors: `input_ids`,
 `pixel_values` (all tiles of all images), `image_tiles` (tiles per image) and `request`, a JSON
-string with the sampling parameters and the response options.
+string with the sampling parameters and the response options. Whatever costs work in proportion
+to the request is done here, bounded, and not in the engine loop: bad words arrive there as token
+ids, and a prompt past the context is refused from the images' headers before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from maverick.engine.api import DEFAULT_MAX_TOKENS, ImageInput, Prompt, SamplingParams
 from maverick.engine.errors import SamplingParamsError
+from maverick.engine.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS, MAX_WORD_BYTES
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
 from maverick.serving.step_output import RETURN_LOG_PROBS, RETURN_NUM_INPUT_TOKENS, RETURN_NUM_OUTPUT_TOKENS
@@ -53,6 +56,7 @@ _FLAGS = (
     "stream",
     "exclude_input_in_output",
     "apply_chat_template",
+    "allow_special_tokens",
     "return_num_input_tokens",
     "return_num_output_tokens",
 )
@@ -141,9 +145,20 @@ def _string(inputs: dict[str, np.ndarray], name: str) -> str | None:
     return _text(vals[0], name)
 
 
-def _strings(inputs: dict[str, np.ndarray], name: str) -> list[str]:
+def _words(inputs: dict[str, np.ndarray], name: str, limit: int) -> list[str]:
+    """The non-empty strings of a list input, at most `limit`, each at most MAX_WORD_BYTES (checked
+    before anything is decoded)."""
     vals = _values(inputs, name)
-    return [] if vals is None else [_text(v, name) for v in vals if len(v)]
+    if vals is None:
+        return []
+    words = [v for v in vals if len(v)]
+    if len(words) > limit:
+        raise InvalidRequest(f"{name} has {len(words)} strings; at most {limit}")
+    for i, w in enumerate(words):
+        n = len(w) if isinstance(w, (bytes, np.bytes_)) else len(str(w).encode("utf-8", "surrogatepass"))
+        if n > MAX_WORD_BYTES:
+            raise InvalidRequest(f"{name}[{i}] is {n} bytes; at most {MAX_WORD_BYTES} each")
+    return [_text(w, name) for w in words]
 
 
 def _image_bytes(raw: Any, i: int) -> bytes:
@@ -160,12 +175,16 @@ def _image_bytes(raw: Any, i: int) -> bytes:
 
 
 def parse_request(
-    inputs: dict[str, np.ndarray], tokenizer: Tokenizer, defaults: dict[str, Any] | None = None
+    inputs: dict[str, np.ndarray],
+    tokenizer: Tokenizer,
+    defaults: dict[str, Any] | None = None,
+    max_model_len: int | None = None,
 ) -> GenerateRequest:
     """Check one request's inputs and build the prompt and sampling parameters.
 
     `defaults` fill sampling fields the request leaves out (the checkpoint's generation_config:
-    temperature 0.6 and top_p 0.9 for Llama 4); then SamplingParams' own defaults apply.
+    temperature 0.6 and top_p 0.9 for Llama 4); then SamplingParams' own defaults apply. A prompt
+    that leaves no token of `max_model_len` to generate is refused (None: the engine refuses it).
     """
     unknown = set(inputs) - KNOWN_INPUTS
     if unknown:
@@ -178,11 +197,12 @@ def parse_request(
     if len(images) > MAX_IMAGES:
         raise InvalidRequest(f"{len(images)} images; at most {MAX_IMAGES} per request")
     flags = {name: _flag(inputs, name) for name in _FLAGS}
+    params = _sampling(inputs, defaults or {}, tokenizer)  # first: its limits are cheap to check
     try:
-        prompt, echo = _prompt(tokenizer, text, messages_json, system, images, flags["apply_chat_template"])
+        chat = _Chat(bool(flags["apply_chat_template"]), bool(flags["allow_special_tokens"]))
+        prompt, echo = _prompt(tokenizer, text, messages_json, system, images, chat, max_model_len)
     except (ImageError, ValueError) as e:
         raise InvalidRequest(str(e)) from None
-    params = _sampling(inputs, defaults or {})
     options = ResponseOptions(
         stream=bool(flags["stream"]),
         echo_text=None if flags["exclude_input_in_output"] in (None, True) else echo,
@@ -210,7 +230,23 @@ def _flag(inputs: dict[str, np.ndarray], name: str) -> bool | None:
     return v
 
 
-def _prompt(tokenizer, text, messages_json, system, images, chat) -> tuple[Prompt, str]:
+@dataclass(frozen=True)
+class _Chat:
+    template: bool  # apply_chat_template: text_input is a user turn
+    allow_special_tokens: bool  # special-token text in messages becomes control tokens (trusted)
+
+
+def _prompt(tokenizer, text, messages_json, system, images, chat: _Chat, max_model_len) -> tuple[Prompt, str]:
+    def chat_prompt(messages):
+        return build_chat_prompt(
+            tokenizer,
+            messages,
+            images,
+            system=system,
+            allow_special_tokens=chat.allow_special_tokens,
+            max_model_len=max_model_len,
+        )
+
     if messages_json is not None:
         if text is not None:
             raise InvalidRequest("give either text_input or messages, not both")
@@ -218,35 +254,35 @@ def _prompt(tokenizer, text, messages_json, system, images, chat) -> tuple[Promp
             messages = json.loads(messages_json)
         except json.JSONDecodeError as e:
             raise InvalidRequest(f"messages is not valid JSON: {e}") from None
-        return build_chat_prompt(tokenizer, messages, images, system=system), messages_json
+        return chat_prompt(messages), messages_json
     if text is None:
         raise InvalidRequest("text_input (or messages) is required")
     if not text.strip() and not images:
         raise InvalidRequest("text_input is empty")
-    if chat:
+    if chat.template:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        return build_chat_prompt(
-            tokenizer, [{"role": "user", "content": content}], images, system=system
-        ), text
+        return chat_prompt([{"role": "user", "content": content}]), text
     if system is not None:
         raise InvalidRequest("system_prompt needs messages or apply_chat_template=true")
     if images and text.count("<|image|>") != len(images):
         raise InvalidRequest(f"a raw prompt with {len(images)} images needs as many <|image|> placeholders")
-    # A raw prompt gets one BOS, as transformers' tokenizer gives it, unless it brings its own.
-    return build_prompt(tokenizer, text, images, add_bos=not text.startswith("<|begin_of_text|>")), text
+    # A raw prompt is the caller's own format: its special-token text is parsed. It gets one BOS,
+    # as transformers' tokenizer gives it, unless it brings its own.
+    add_bos = not text.startswith("<|begin_of_text|>")
+    return build_prompt(tokenizer, text, images, add_bos=add_bos, max_model_len=max_model_len), text
 
 
-def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any]) -> SamplingParams:
+def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Tokenizer) -> SamplingParams:
     fields = {k: v for k, v in defaults.items() if k in {f.name for f in dataclasses.fields(SamplingParams)}}
     fields.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     for name, field in _SCALARS.items():
         v = _scalar(inputs, name)
         if v is not None:
             fields[field] = v
-    if (stop := _strings(inputs, "stop_words")) or "stop_words" in inputs:
+    if (stop := _words(inputs, "stop_words", MAX_STOP_STRINGS)) or "stop_words" in inputs:
         fields["stop"] = tuple(stop)
-    if bad := _strings(inputs, "bad_words"):
-        fields["bad_words"] = tuple(bad)
+    if bad := _words(inputs, "bad_words", MAX_BAD_WORDS):
+        fields["bad_words_ids"] = tuple(tuple(ids) for ids in tok.bad_words_ids(bad))
     end_id = _scalar(inputs, "end_id")
     if end_id is not None:  # TensorRT-LLM: end_id replaces the model's end tokens
         fields["stop_token_ids"] = (end_id,)
@@ -297,8 +333,12 @@ def from_tensors(t: dict[str, np.ndarray]) -> GenerateRequest:
         options = ResponseOptions(**meta["options"])
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"malformed request tensor: {e}") from None
+    except RecursionError:  # JSON nested deeper than the interpreter recurses
+        raise InvalidRequest("malformed request tensor: nested too deeply") from None
     ids = t["input_ids"].reshape(-1).tolist()
     tiles = t["image_tiles"].reshape(-1).tolist()
+    if any(n < 1 for n in tiles):
+        raise InvalidRequest(f"image_tiles must be positive tile counts, got {tiles}")
     pixels = torch.from_numpy(np.ascontiguousarray(t["pixel_values"][0]))
     if sum(tiles) != pixels.shape[0]:
         raise InvalidRequest(

@@ -3,18 +3,26 @@
 The engine runs in its own process (EngineClient: its own interpreter, so the engine loop never
 waits for the GIL while this stub builds and sends responses); this model runs an asyncio loop on
 a thread, where one coroutine per request streams the engine's outputs back through the request's
-response sender. execute() only schedules those coroutines. Every request ends with exactly one FINAL flag,
-also when it fails or is cancelled. The engine request is aborted (its KV blocks freed) when
-Triton marks the request cancelled (a direct call), when a response cannot be delivered, or when
-an `abort` request names it (how postprocessing passes on a cancelled ensemble request, and how a
-client can stop a request by its id). An engine process that dies is started again
-(maverick/serving/supervisor.py); meanwhile requests fail with UNAVAILABLE.
+response sender. execute() only schedules those coroutines. Every request ends with exactly one
+FINAL flag, also when it fails, is cancelled, or meets a bug (INTERNAL, logged with its request id).
+
+The engine request is aborted (its KV blocks freed) when Triton marks the request cancelled (a
+direct call), when a response cannot be delivered, or when an `abort` request names its abort
+handle: a secret made per request and given only to the request's own responses (the `step`
+output), which is how postprocessing passes on a cancelled ensemble request. Triton tells only
+postprocessing that an ensemble request was cancelled, so a flow-controlled request (the
+ensemble's) that has been silent for HEARTBEAT_S sends postprocessing a heartbeat: a non-streamed
+request, or one still waiting for its first token, stops within about a second of its client
+leaving. An engine process that dies is started again (maverick/serving/supervisor.py);
+meanwhile requests fail with UNAVAILABLE.
 """
 
 import asyncio
 import contextlib
 import json
+import secrets
 import threading
+import traceback
 import uuid
 
 import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
@@ -34,9 +42,11 @@ from maverick.serving.step_output import StepOutput
 from maverick.serving.supervisor import SupervisedEngine
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
-# Triton's cancelled flag is only set for direct calls (the ensemble passes cancellation on through
-# postprocessing's `abort`); each poll is a round trip to tritonserver, so not too often.
-CANCEL_POLL_S = 0.5
+# Each request's watcher wakes this often: it sends heartbeats (maverick/serving/flow_control.py)
+# and, every CANCEL_POLL_TICKS wake-ups, asks Triton whether the request was cancelled (each poll
+# is a round trip to tritonserver, so not too often; set for direct calls only).
+WATCH_S = 0.25
+CANCEL_POLL_TICKS = 2
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
@@ -59,11 +69,15 @@ class TritonPythonModel:
         self.metrics = EngineMetrics(self.engine, instance_labels(args))
         self.acks = AckBoard.create()  # postprocessing acknowledges streamed responses here
         self.in_flight: set[asyncio.Future] = set()
-        self.live: dict[str, str] = {}  # engine request id -> Triton request id (request-loop thread only)
+        self.handles: dict[str, str] = {}  # abort handle -> engine request id (request-loop thread only)
 
     def execute(self, requests):
         for request in requests:
-            future = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            try:
+                future = asyncio.run_coroutine_threadsafe(self._serve(request), self.loop)
+            except Exception as e:  # noqa: BLE001 - e.g. the loop stopped (unloading): this request fails
+                _Reply(request).fail(e)
+                continue
             self.in_flight.add(future)
             future.add_done_callback(self.in_flight.discard)
         return None
@@ -79,10 +93,22 @@ class TritonPythonModel:
 
     # -- one request ---------------------------------------------------------------------------
     async def _serve(self, request):
-        sender = request.get_response_sender()
-        abort = pb_utils.get_input_tensor_by_name(request, "abort")
-        if abort is not None:
-            return self._abort(bytes(abort.as_numpy().reshape(-1)[0]).decode(errors="replace"), sender)
+        reply = _Reply(request)
+        try:
+            abort = pb_utils.get_input_tensor_by_name(request, "abort")
+            if abort is not None:
+                self._abort(request, abort, reply)
+            else:
+                await self._generate(request, reply)
+        except asyncio.CancelledError:
+            reply.error("the model is unloading", pb_utils.TritonError.UNAVAILABLE)
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug meets one request: it fails, the model serves on
+            reply.fail(e)
+        finally:
+            reply.end()
+
+    async def _generate(self, request, reply):
         try:
             tensors = {}
             for name in INPUTS:
@@ -92,14 +118,15 @@ class TritonPythonModel:
                 tensors[name] = tensor.as_numpy()
             req = fit_max_tokens(from_tensors(tensors), self.engine.max_model_len)
         except InvalidRequest as e:
-            return _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
-        request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
-        self.live[request_id] = request.request_id()
-        watcher = asyncio.ensure_future(self._watch(request, request_id))
+            return reply.error(str(e), pb_utils.TritonError.INVALID_ARG)
+        request_id = f"{reply.triton_id or 'req'}-{uuid.uuid4().hex[:12]}"
+        handle = secrets.token_urlsafe(24)
+        self.handles[handle] = request_id
         # through the ensemble, at most a few responses in flight past postprocessing; the rest
-        # wait here, merged (maverick/serving/flow_control.py)
-        flow = FlowControlledStream(
-            self.acks.window() if req.options.stream and req.options.flow_control else None
+        # wait here, merged (maverick/serving/flow_control.py); and heartbeats while silent
+        flow = FlowControlledStream(self.acks.window() if req.options.flow_control else None)
+        watcher = asyncio.ensure_future(
+            self._watch(request, request_id, reply, handle, flow if req.options.flow_control else None)
         )
         text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
         returns = req.returns  # the optional public outputs asked for, once per request
@@ -115,7 +142,7 @@ class TritonPythonModel:
                             continue  # held: this stream has enough responses in flight
                         update, ack = offered
                         response = _response(
-                            request_id,
+                            handle,
                             text[0] + update.text,
                             update.token_ids,
                             update,
@@ -123,41 +150,70 @@ class TritonPythonModel:
                             returns,
                             ack,
                         )
-                        _send(sender, response, update.finished)
+                        reply.send(response, update.finished)
                         text[0] = ""
                     else:
                         text.append(out.text)
                         ids += out.token_ids
                         logprobs += out.logprobs or []
             if not req.options.stream:
-                _send(sender, _response(request_id, "".join(text), ids, last, logprobs, returns), True)
+                reply.send(_response(handle, "".join(text), ids, last, logprobs, returns), True)
         except (RequestError, InvalidRequest) as e:
-            _send_error(sender, str(e), pb_utils.TritonError.INVALID_ARG)
+            reply.error(str(e), pb_utils.TritonError.INVALID_ARG)
         except EngineOverloadedError as e:
-            _send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+            reply.error(str(e), pb_utils.TritonError.UNAVAILABLE)
         except EngineDeadError as e:
-            _send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+            reply.error(str(e), pb_utils.TritonError.UNAVAILABLE)
         except _Undeliverable:
-            pass  # the client is gone; aclosing() has aborted the engine request
-        except Exception as e:  # noqa: BLE001 - this request fails, the model keeps serving
-            _send_error(sender, f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+            reply.finish()  # the client is gone; aclosing() has aborted the engine request
         finally:
             watcher.cancel()
-            self.live.pop(request_id, None)
+            self.handles.pop(handle, None)
             flow.close()
 
-    def _abort(self, target: str, sender) -> None:
-        """Stop the engine requests named by their engine id or their Triton request id."""
-        for engine_id, triton_id in list(self.live.items()):
-            if target in (engine_id, triton_id):
-                self.engine.abort(engine_id)
-        with contextlib.suppress(Exception):
-            sender.send(flags=FINAL)
+    def _abort(self, request, tensor, reply) -> None:
+        """Stop the engine request whose abort handle this is; an empty or unknown one is refused.
+        Only the handle counts: Triton request ids are the client's to choose (or empty)."""
+        if any(pb_utils.get_input_tensor_by_name(request, name) is not None for name in INPUTS):
+            return reply.error(
+                "a request carries either abort or the generate inputs", pb_utils.TritonError.INVALID_ARG
+            )
+        values = tensor.as_numpy().reshape(-1)
+        if values.size != 1:
+            return reply.error(
+                f"abort must hold one handle, got {values.size}", pb_utils.TritonError.INVALID_ARG
+            )
+        handle = bytes(values[0]).decode(errors="replace")
+        if not handle:
+            return reply.error(
+                "abort is empty: it takes a running request's abort handle", pb_utils.TritonError.INVALID_ARG
+            )
+        request_id = self.handles.get(handle)
+        if request_id is None:
+            return reply.error("no running request has this abort handle", pb_utils.TritonError.NOT_FOUND)
+        self.engine.abort(request_id)
+        reply.finish()
 
-    async def _watch(self, request, request_id):
-        """Abort the engine request once Triton marks the request cancelled (client gone)."""
-        while not request.is_cancelled():
-            await asyncio.sleep(CANCEL_POLL_S)
+    async def _watch(self, request, request_id, reply, handle, flow):
+        """Abort the engine request once Triton marks the request cancelled (a direct call whose
+        client left); send the heartbeats of a flow-controlled one (`flow`; the ensemble's)."""
+        try:
+            tick = 0
+            while True:
+                await asyncio.sleep(WATCH_S)
+                if reply.closed:
+                    return  # answered; the request's coroutine is winding up
+                tick += 1
+                if flow is not None and (ack := flow.heartbeat()) is not None:
+                    beat = StepOutput.beat(handle.encode(), ack)
+                    reply.send(pb_utils.InferenceResponse([pb_utils.Tensor("step", beat.to_array())]), False)
+                if tick % CANCEL_POLL_TICKS == 0 and request.is_cancelled():
+                    break
+        except _Undeliverable:
+            pass
+        except Exception as e:  # noqa: BLE001 - the request itself goes on; say why it cannot be stopped
+            reply.log(f"watching the request failed: {type(e).__name__}: {e}")
+            return
         self.engine.abort(request_id)
 
 
@@ -165,7 +221,7 @@ class _Undeliverable(Exception):
     """A response could not be sent: the request was cancelled or its client disconnected."""
 
 
-def _response(request_id, text, token_ids, out, logprobs, returns, ack=NO_ACK):
+def _response(handle, text, token_ids, out, logprobs, returns, ack=NO_ACK):
     finish = (out.finish_reason or "") if out is not None and out.finished else ""
     error = out.error if out is not None else None
     if error:
@@ -176,20 +232,56 @@ def _response(request_id, text, token_ids, out, logprobs, returns, ack=NO_ACK):
         finish_reason=finish.encode(),
         num_input_tokens=out.num_prompt_tokens if out else 0,
         log_probs=np.asarray([lp for lp in logprobs if lp is not None], dtype=np.float32),
-        llm_request_id=request_id.encode(),
+        abort_handle=handle.encode(),
         returns=returns,
         ack=ack,
     )
     return pb_utils.InferenceResponse([pb_utils.Tensor("step", step.to_array())])
 
 
-def _send(sender, response, final: bool):
-    try:
-        sender.send(response, flags=FINAL if final else 0)
-    except Exception as e:  # noqa: BLE001 - e.g. the request was cancelled meanwhile
-        raise _Undeliverable(str(e)) from None
+class _Reply:
+    """One request's response sender, which sends exactly one FINAL whatever happens."""
 
+    def __init__(self, request):
+        self.sender = request.get_response_sender()
+        self.triton_id = request.request_id()
+        self.closed = False
 
-def _send_error(sender, message, code):
-    with contextlib.suppress(Exception):
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+    def send(self, response, final: bool) -> None:
+        try:
+            self.sender.send(response, flags=FINAL if final else 0)
+        except Exception as e:  # noqa: BLE001 - e.g. the request was cancelled meanwhile
+            raise _Undeliverable(str(e)) from None
+        self.closed = self.closed or final
+
+    def error(self, message: str, code) -> None:
+        self._final(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
+
+    def finish(self) -> None:
+        """The FINAL flag without a response (an abort's answer)."""
+        self._final(None)
+
+    def fail(self, e: BaseException) -> None:
+        """A bug: logged with its traceback, and the request fails with INTERNAL."""
+        self.log(f"internal error: {''.join(traceback.format_exception(e)).rstrip()}")
+        self.error(f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+
+    def end(self) -> None:
+        """Safety net: a request whose handling ended without a FINAL fails rather than hangs."""
+        if not self.closed:
+            self.log("ended without a final response")
+            self.error("internal error: the request ended without an answer", pb_utils.TritonError.INTERNAL)
+
+    def log(self, message: str) -> None:
+        with contextlib.suppress(Exception):
+            pb_utils.Logger.log_error(f"maverick: request {self.triton_id!r}: {message}")
+
+    def _final(self, response) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):  # the client may be gone; the FINAL is owed all the same
+            if response is None:
+                self.sender.send(flags=FINAL)
+            else:
+                self.sender.send(response, flags=FINAL)

@@ -13,9 +13,17 @@ ensemble's narrowest point, and this keeps a queue from building up in front of 
 
 Cancellation: Triton's ensemble checks for a cancelled request only between steps, so the running
 `maverick` step never learns that its client left; the next postprocessing request it triggers
-arrives here cancelled, though. That request names the engine request (`llm_request_id`), and
-this model tells `maverick` to abort it, which frees its KV blocks within one engine step.
+arrives here cancelled, though. That request carries the engine request's secret abort handle,
+and this model tells `maverick` to abort it, which frees its KV blocks within one engine step.
+A silent request (non-streamed, or waiting for its first token) sends heartbeats for this: a
+heartbeat is answered with the FINAL flag and no response, which is why this model is decoupled
+(a non-decoupled one owes every request a response, and the client would get each one).
+
+Every request ends with exactly one FINAL: a bug fails that request with INTERNAL, logged.
 """
+
+import contextlib
+import traceback
 
 import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
 import numpy as np
@@ -31,6 +39,8 @@ from maverick.serving.step_output import (
     StepOutput,
 )
 
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -38,41 +48,68 @@ class TritonPythonModel:
         self.acknowledge = Acknowledger()
 
     def execute(self, requests):
-        responses = []
         for request in requests:
+            sender = request.get_response_sender()
+            step = None
             try:
                 step = StepOutput.from_array(pb_utils.get_input_tensor_by_name(request, "step").as_numpy())
+                response = self._handle(request, step)
             except MalformedStepOutput as e:
-                error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
-                continue
-            # handled: the maverick step may send this stream's next response
-            self.acknowledge(step.ack)
-            if request.is_cancelled():
-                # Answer normally all the same: an error here would leave the ensemble waiting for
-                # the decoupled step's final response forever (it counts the request in flight).
-                _abort(step.llm_request_id)
-            outputs = {  # TensorRT-LLM's names
-                "text_output": np.array([[step.text]], dtype=object),
-                "output_token_ids": step.token_ids.reshape(1, -1),
-            }
-            # The rest only where it says something or was asked for: each tensor costs every
-            # streamed response a copy at each hop (the ensemble omits an output a step left out).
-            if step.finish_reason:
-                outputs["finish_reason"] = np.array([[step.finish_reason]], dtype=object)
-            if step.returns & RETURN_NUM_INPUT_TOKENS:
-                outputs["num_input_tokens"] = np.array([[step.num_input_tokens]], dtype=np.int32)
-            if step.returns & RETURN_NUM_OUTPUT_TOKENS:
-                outputs["num_output_tokens"] = np.array([[step.token_ids.size]], dtype=np.int32)
-            if step.returns & RETURN_LOG_PROBS:
-                outputs["output_log_probs"] = step.log_probs.reshape(1, -1)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
-        return responses
+                response = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
+                )
+            except Exception as e:  # noqa: BLE001 - a bug meets one request: it fails, the model serves on
+                response = _internal_error(request, e)
+                if step is not None and not step.finish_reason:
+                    with contextlib.suppress(Exception):  # its client gets an error: stop its tokens too
+                        _abort(step.abort_handle)
+            with contextlib.suppress(Exception):  # the client may be gone
+                if response is None:
+                    sender.send(flags=FINAL)
+                else:
+                    sender.send(response, flags=FINAL)
+        return None
+
+    def _handle(self, request, step: StepOutput):
+        """The public response to one `step`, or None for a heartbeat."""
+        # handled: the maverick step may send this stream's next response
+        self.acknowledge(step.ack)
+        if request.is_cancelled() and not step.finish_reason:
+            # Answer normally all the same: an error here would leave the ensemble waiting for
+            # the decoupled step's final response forever (it counts the request in flight).
+            _abort(step.abort_handle)
+        if step.heartbeat:
+            return None
+        outputs = {  # TensorRT-LLM's names
+            "text_output": np.array([[step.text]], dtype=object),
+            "output_token_ids": step.token_ids.reshape(1, -1),
+        }
+        # The rest only where it says something or was asked for: each tensor costs every
+        # streamed response a copy at each hop (the ensemble omits an output a step left out).
+        if step.finish_reason:
+            outputs["finish_reason"] = np.array([[step.finish_reason]], dtype=object)
+        if step.returns & RETURN_NUM_INPUT_TOKENS:
+            outputs["num_input_tokens"] = np.array([[step.num_input_tokens]], dtype=np.int32)
+        if step.returns & RETURN_NUM_OUTPUT_TOKENS:
+            outputs["num_output_tokens"] = np.array([[step.token_ids.size]], dtype=np.int32)
+        if step.returns & RETURN_LOG_PROBS:
+            outputs["output_log_probs"] = step.log_probs.reshape(1, -1)
+        return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 
-def _abort(llm_request_id: bytes) -> None:
-    """Ask the decoupled `maverick` model to stop the engine request (BLS; it answers one FINAL)."""
-    abort = pb_utils.Tensor("abort", np.array([[llm_request_id]], dtype=object))
+def _abort(abort_handle: bytes) -> None:
+    """Ask the decoupled `maverick` model to stop the engine request (BLS; it answers one FINAL,
+    or an error if the request has ended meanwhile)."""
+    abort = pb_utils.Tensor("abort", np.array([[abort_handle]], dtype=object))
     request = pb_utils.InferenceRequest(model_name="maverick", inputs=[abort], requested_output_names=[])
     for _ in request.exec(decoupled=True):
         pass
+
+
+def _internal_error(request, e: Exception):
+    with contextlib.suppress(Exception):
+        detail = "".join(traceback.format_exception(e)).rstrip()
+        pb_utils.Logger.log_error(f"postprocessing: request {request.request_id()!r}: {detail}")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+    )
