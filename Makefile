@@ -32,7 +32,7 @@ help:
 	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
 	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
-	@echo "make soak        10 minutes of Locust at saturation, memory of every server process watched (SOAK_USERS, SOAK_DURATION)"
+	@echo "make soak        20 minutes of Locust at saturation, memory of every server process watched (SOAK_USERS, SOAK_DURATION, SOAK_WARMUP)"
 	@echo "make prometheus  Debian's prometheus and promtool into build/prometheus (for the monitoring test)"
 	@echo "make docker-build  the container images (docker/): IMAGE=gpu or cpu for one, DOCKER=podman"
 	@echo "make docker-serve  the GPU image: PROFILE, MODEL_DIR (mounted read-only), ports as make serve"
@@ -121,11 +121,14 @@ loadtest: venv
 		$(if $(wildcard $(MODEL_DIR)/tokenizer.json),--tokenizer $(MODEL_DIR)) $(LOADTEST_ARGS)
 
 # Locust at saturation for SOAK_DURATION against a running server, watching each server process's
-# memory: fails on any error, a KV cache not back to 0, or RSS growth above 1% per 10 minutes.
+# memory: fails on any error, a KV cache not back to 0, or RSS growth above 1% per 10 minutes after
+# SOAK_WARMUP (tritonserver's own allocations settle over the first ~10 minutes of load).
 SOAK_USERS ?= 16
-SOAK_DURATION ?= 10m
+SOAK_DURATION ?= 20m
+SOAK_WARMUP ?= 10m
 soak: venv
 	$(PY) -m loadtest.soak --http-port $(HTTP_PORT) --metrics-port $(METRICS_PORT) --grpc-port $(GRPC_PORT) \
+		--warmup-for $(SOAK_WARMUP) \
 		--protocol both --users $(SOAK_USERS) --duration $(SOAK_DURATION) \
 		$(if $(wildcard $(MODEL_DIR)/tokenizer.json),--tokenizer $(MODEL_DIR)) $(LOADTEST_ARGS)
 
