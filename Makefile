@@ -69,8 +69,8 @@ stop:
 # (offline, strict: an unknown field fails), and the Prometheus config with promtool where there is
 # one (`make prometheus` unpacks it into build/prometheus; `make test` does that first).
 lint: venv
-	$(PY) -m ruff check maverick tests scripts client server model_repository loadtest
-	$(PY) -m ruff format --check maverick tests scripts client server model_repository loadtest
+	$(PY) -m ruff check maverick tests scripts client server model_repository loadtest openai_api
+	$(PY) -m ruff format --check maverick tests scripts client server model_repository loadtest openai_api
 	$(HADOLINT) docker/Dockerfile docker/Dockerfile.cpu
 	$(PY) -m yamllint --strict .yamllint docker
 	$(PY) -m kubernetes_validate --strict --quiet $$(find docker/k8s -name '*.yaml' | sort)
@@ -80,8 +80,8 @@ lint: venv
 	else echo "no promtool (make prometheus): docker/prometheus/prometheus.yml not checked"; fi
 
 format: venv
-	$(PY) -m ruff format maverick tests scripts client server model_repository loadtest
-	$(PY) -m ruff check --fix maverick tests scripts client server model_repository loadtest
+	$(PY) -m ruff format maverick tests scripts client server model_repository loadtest openai_api
+	$(PY) -m ruff check --fix maverick tests scripts client server model_repository loadtest openai_api
 
 test: venv tiny-model prometheus lint
 	$(PY) -m pytest -q
