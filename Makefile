@@ -6,12 +6,15 @@ NGC := $(wildcard /opt/tritonserver/bin/tritonserver)
 VENV ?= .venv
 PY := $(if $(NGC),$(PYTHON),$(VENV)/bin/python)
 HADOLINT := $(if $(NGC),hadolint,$(VENV)/bin/hadolint)
-EXTRAS := $(if $(NGC),client,test)
+comma := ,
+EXTRAS := $(if $(NGC),client$(comma)openai,test)
 DEFAULT_MODEL := models/tiny-maverick
 MODEL_DIR ?= $(DEFAULT_MODEL)
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# the OpenAI-compatible API beside Triton (openai_api/); 0: none
+OPENAI_PORT ?= 9000
 ENGINE_ARGS ?=
 # a deployment profile, server/profiles/$(PROFILE).json: the maverick model's instances and engine settings
 PROFILE ?= cpu-tiny
@@ -58,7 +61,7 @@ tiny-model: $(DEFAULT_MODEL)/config.json
 serve: venv $(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),tiny-model)
 	$(PY) -m server.launch --profile $(PROFILE) --model-dir $(MODEL_DIR) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-		$(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS)) \
+		--openai-port $(OPENAI_PORT) $(if $(ENGINE_ARGS),--engine $(ENGINE_ARGS)) \
 		$(if $(TRACE_FILE),--trace-file $(TRACE_FILE)) --serving-nice $(SERVING_NICE)
 
 # The server on HTTP_PORT only (another on other ports keeps serving): its launcher stops it.
@@ -143,6 +146,7 @@ DOCKER_BUILD_ARGS ?=
 DOCKER_GPUS ?= --gpus all
 DOCKER_SHM_SIZE ?= 16g
 DOCKER_RUN = $(DOCKER) run --rm --init -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
+	$(if $(filter-out 0,$(OPENAI_PORT)),-p $(OPENAI_PORT):9000,-e OPENAI_PORT=0) \
 	$(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),,-v $(abspath $(MODEL_DIR)):/models:ro -e MODEL_DIR=/models) \
 	-e PROFILE=$(PROFILE) -e SERVING_NICE=$(SERVING_NICE) $(if $(ENGINE_ARGS),-e "ENGINE_ARGS=$(ENGINE_ARGS)")
 

@@ -5,6 +5,7 @@
 #   MODEL_DIR     checkpoint folder (the embedded tiny checkpoint, models/tiny-maverick)
 #   PROFILE       server/profiles/NAME.json (cpu-tiny)
 #   HTTP_PORT, GRPC_PORT, METRICS_PORT   (8000, 8001, 8002)
+#   OPENAI_PORT   the OpenAI-compatible API beside Triton (9000; 0: none)
 #   ENGINE_ARGS   "key=value ..." engine settings over the profile's
 #   SERVING_NICE  how far the stubs step below the engine process in priority (10)
 #   TRACE_FILE    Triton's per-request trace, written when the server stops
@@ -22,6 +23,7 @@ exec "${PYTHON:-python3}" -m server.launch \
     ${HTTP_PORT:+--http-port "$HTTP_PORT"} \
     ${GRPC_PORT:+--grpc-port "$GRPC_PORT"} \
     ${METRICS_PORT:+--metrics-port "$METRICS_PORT"} \
+    ${OPENAI_PORT:+--openai-port "$OPENAI_PORT"} \
     ${SERVING_NICE:+--serving-nice "$SERVING_NICE"} \
     ${TRACE_FILE:+--trace-file "$TRACE_FILE"} \
     ${BUILD_DIR:+--build-dir "$BUILD_DIR"} \

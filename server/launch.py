@@ -49,6 +49,7 @@ from maverick.serving.profile import (
     profile_engine_config,
     profile_names,
 )
+from server.companion import Companion
 from server.liveness import LivenessPolicy, LivenessProbe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,7 @@ class ServeConfig:
     # Triton's admin APIs (model repository control, tracing, logging, shared memory) need this key
     # in a header; None leaves them open, as Triton does. Inference is never gated (docs/api.md).
     admin_key: str | None = None
+    openai_port: int = 0  # the OpenAI-compatible API server (openai_api/) beside Triton; 0: none
 
 
 def free_ports(n: int) -> list[int]:
@@ -338,6 +340,12 @@ def main() -> None:
         help="Triton's admin APIs (repository control, trace, logging, shared memory) only with this "
         "key in the `admin-key` header (default: $ADMIN_KEY; unset, they are open)",
     )
+    ap.add_argument(
+        "--openai-port",
+        type=int,
+        default=9000,
+        help="the OpenAI-compatible API (/v1/chat/completions) on this port, beside Triton (0: off)",
+    )
     policy = LivenessPolicy()
     ap.add_argument(
         "--liveness-interval",
@@ -385,6 +393,7 @@ def main() -> None:
         serving_nice=args.serving_nice,
         profile=args.profile,
         admin_key=args.admin_key,
+        openai_port=args.openai_port,
     )
     try:
         plan = check_deployment(cfg)
@@ -392,9 +401,12 @@ def main() -> None:
         sys.exit(f"profile {cfg.profile} cannot serve {cfg.model_dir}: {e}")
     if not port_free(cfg.http_port):
         sys.exit(f"port {cfg.http_port} is in use: another server? (`make stop HTTP_PORT={cfg.http_port}`)")
+    if cfg.openai_port and not port_free(cfg.openai_port):
+        sys.exit(f"port {cfg.openai_port} is in use: set OPENAI_PORT (--openai-port) to another, or 0")
     for path in remove_stale_regions(cfg.http_port):
         print(f"removed {path}, left by a server on port {cfg.http_port} that did not stop cleanly")
     cmd, env = server_command(cfg)
+    openai_line = f"  OpenAI  http://localhost:{cfg.openai_port}/v1\n" if cfg.openai_port else ""
     print(
         f"serving {cfg.model_dir} with {cmd[0]}\n"
         f"  profile {cfg.profile}: TP {plan.tensor_parallel_size}, {plan.kv_tokens} KV tokens per instance, "
@@ -402,6 +414,7 @@ def main() -> None:
         f"  HTTP    http://localhost:{cfg.http_port}  (POST /v2/models/ensemble/generate_stream)\n"
         f"  gRPC    localhost:{cfg.grpc_port}\n"
         f"  metrics http://localhost:{cfg.metrics_port}/metrics\n"
+        f"{openai_line}"
         f"Ctrl-C (or `make stop HTTP_PORT={cfg.http_port}`) stops it.",
         flush=True,
     )
@@ -438,12 +451,29 @@ def run_server(cmd: list[str], env: dict[str, str], cfg: ServeConfig, policy: Li
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     probe.start()
+    openai = None
+    if cfg.openai_port:
+        openai = Companion("the OpenAI API server", openai_command(cfg), _die_with_parent).start()
     status = proc.wait()
     probe.stop()
+    if openai is not None:
+        openai.stop()
     # stubs and engine processes left by a server that gave up at its exit timeout share its group
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     return EXIT_WEDGED if wedged.is_set() else status
+
+
+def openai_command(cfg: ServeConfig) -> list[str]:
+    """openai_api/ against this server's gRPC port (it answers 503 until the ensemble is ready)."""
+    return [
+        sys.executable,
+        "-m",
+        "openai_api",
+        f"--triton-url=localhost:{cfg.grpc_port}",
+        f"--port={cfg.openai_port}",
+        "--log-level=warning",
+    ]
 
 
 def _die_with_parent() -> None:

@@ -200,7 +200,7 @@ def test_the_entrypoint_serves_a_stream_and_stops_on_a_signal(tiny_ckpt, tmp_pat
     """The images' environment, outside a container: the entrypoint execs the launcher (so the
     signal reaches it, not a shell), the server answers a streamed request with the ENGINE_ARGS
     given, and on the signal all exit 0 with nothing left running and the shared memory gone."""
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, openai = free_ports(4)
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHON", "TRACE_FILE", "SERVING_NICE"}}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the image's venv first
@@ -212,6 +212,7 @@ def test_the_entrypoint_serves_a_stream_and_stops_on_a_signal(tiny_ckpt, tmp_pat
         ENGINE_ARGS="max_num_seqs=8 max_num_batched_tokens=512",
         BUILD_DIR=str(tmp_path / "build"),
         ADMIN_KEY="s3cret",
+        OPENAI_PORT=str(openai),
     )
     log_path = tmp_path / "entrypoint.log"
     with open(log_path, "w") as log:
@@ -223,6 +224,7 @@ def test_the_entrypoint_serves_a_stream_and_stops_on_a_signal(tiny_ckpt, tmp_pat
         assert wait_ok(ready_url(http), 180, proc), log_path.read_text()[-3000:]
         launched = psutil.Process(proc.pid)  # exec'd: no shell left waiting between signal and server
         assert "entrypoint.sh" not in " ".join(launched.cmdline()), launched.cmdline()
+        assert wait_ok(f"http://localhost:{openai}/health", 60, proc)  # the OpenAI API beside it
         # ADMIN_KEY: Triton's repository API only with the key; inference stays open (below)
         index = f"http://localhost:{http}/v2/repository/index"
         with pytest.raises(urllib.error.HTTPError) as refused:

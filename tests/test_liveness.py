@@ -27,7 +27,7 @@ BOUND_S = FAILURES * (INTERVAL_S + TIMEOUT_S) + 30 + 10
 
 
 def _launch(tiny_ckpt, tmp_path) -> tuple[subprocess.Popen, int]:
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, openai = free_ports(4)
     cmd = [
         sys.executable,
         "-m",
@@ -40,10 +40,11 @@ def _launch(tiny_ckpt, tmp_path) -> tuple[subprocess.Popen, int]:
         f"--liveness-interval={INTERVAL_S}",
         f"--liveness-timeout={TIMEOUT_S}",
         f"--liveness-failures={FAILURES}",
+        f"--openai-port={openai}",  # the OpenAI API server beside it: it must go with it
     ]
     log = open(tmp_path / "launch.log", "w")  # noqa: SIM115 - the process holds it
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if wait_ok(ready_url(http), 180, proc):
+    if wait_ok(ready_url(http), 180, proc) and wait_ok(f"http://localhost:{openai}/health", 60, proc):
         return proc, http
     proc.kill()
     raise AssertionError((tmp_path / "launch.log").read_text()[-3000:])

@@ -4,9 +4,11 @@ answer; `make stop` ends the server cleanly."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -42,13 +44,20 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path, triton):
     """`triton`: another server from this checkout, on other ports, which `make stop HTTP_PORT=`
     must leave serving. A shared-memory region that a killed server on the same port left behind
     is removed at start."""
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, openai = free_ports(4)
     boards_before = _ack_boards()
     stale = Path("/dev/shm") / f"{shm_region_prefix(http)}left_by_a_killed_server"
     stale.write_bytes(b"\0" * 4096)
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     serve = subprocess.Popen(
-        ["make", "serve", f"HTTP_PORT={http}", f"GRPC_PORT={grpc}", f"METRICS_PORT={metrics}"],
+        [
+            "make",
+            "serve",
+            f"HTTP_PORT={http}",
+            f"GRPC_PORT={grpc}",
+            f"METRICS_PORT={metrics}",
+            f"OPENAI_PORT={openai}",
+        ],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -75,6 +84,10 @@ def test_make_serve_then_stream_an_answer_then_make_stop(tmp_path, triton):
         )
         assert out.returncode == 0, out.stderr
         assert "8 generated tokens" in out.stderr and "TTFT" in out.stderr
+        # the OpenAI-compatible API beside it (tests/test_openai_api.py holds its answers)
+        assert wait_ok(f"http://localhost:{openai}/health", 60, serve)
+        with urllib.request.urlopen(f"http://localhost:{openai}/v1/models", timeout=5) as r:
+            assert [m["id"] for m in json.load(r)["data"]] == ["maverick"]
         printed = (tmp_path / "serve.log").read_text()
         assert f"http://localhost:{http}" in printed and f"localhost:{grpc}" in printed
         processes = psutil.Process(serve.pid).children(recursive=True)
