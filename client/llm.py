@@ -32,6 +32,7 @@ MODEL = "ensemble"
 SCALARS = {
     "max_tokens": ("INT32", np.int32),
     "min_tokens": ("INT32", np.int32),
+    "min_length": ("INT32", np.int32),
     "temperature": ("FP32", np.float32),
     "top_p": ("FP32", np.float32),
     "top_k": ("INT32", np.int32),

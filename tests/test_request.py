@@ -48,6 +48,17 @@ def test_optional_outputs_asked_for_reach_the_step(tokenizer, flags, bits):
     assert back.prompt.token_ids == req.prompt.token_ids
 
 
+def test_min_length_is_min_tokens_by_its_older_name(tokenizer):
+    """TensorRT-LLM's `min_length` (what genai-perf sends) sets min_tokens; both at once must agree."""
+    old = parse_request(numpy_inputs({"text_input": "hi", "max_tokens": 8, "min_length": 5}), tokenizer)
+    new = parse_request(numpy_inputs({"text_input": "hi", "max_tokens": 8, "min_tokens": 5}), tokenizer)
+    assert old.params.min_tokens == 5 and old.params == new.params
+    both = {"text_input": "hi", "max_tokens": 8, "min_tokens": 5, "min_length": 5}
+    assert parse_request(numpy_inputs(both), tokenizer).params == new.params
+    with pytest.raises(InvalidRequest, match="min_length is another name for min_tokens"):
+        parse_request(numpy_inputs({**both, "min_length": 4}), tokenizer)
+
+
 def test_malformed_step_tensors_are_refused_as_bad_requests(tokenizer):
     """What a direct caller of `maverick` can send: JSON nested past the interpreter's recursion
     limit, tile counts that do not split the pixels."""

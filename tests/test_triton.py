@@ -191,6 +191,7 @@ BAD = [
         ),
         "prompt tokens (max_model_len",
     ),
+    (dict(text_input="hi", min_tokens=3, min_length=2), "min_length is another name for min_tokens"),
     (dict(text_input="hi", max_tokens=-5), "max_tokens"),
     (dict(text_input="hi", max_tokens=10**7), "exceed the model's context"),
     (dict(text_input="hi", temperature=-0.5), "temperature"),

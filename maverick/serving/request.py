@@ -52,6 +52,8 @@ _SCALARS = {
     "include_stop_str_in_output": "include_stop_str_in_output",
     "return_log_probs": "logprobs",
 }
+# TensorRT-LLM's older names, which some clients still send (genai-perf: min_length)
+_ALIASES = {"min_length": "min_tokens"}
 _FLAGS = (
     "stream",
     "exclude_input_in_output",
@@ -63,6 +65,7 @@ _FLAGS = (
 KNOWN_INPUTS = frozenset(
     {"text_input", "messages", "images", "system_prompt", "stop_words", "bad_words", "end_id"}
     | set(_SCALARS)
+    | set(_ALIASES)
     | set(_FLAGS)
 )
 
@@ -279,6 +282,10 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Toke
         v = _scalar(inputs, name)
         if v is not None:
             fields[field] = v
+    for alias, name in _ALIASES.items():
+        v = _scalar(inputs, alias)
+        if v is not None and fields.setdefault(_SCALARS[name], v) != v:
+            raise InvalidRequest(f"{alias} is another name for {name}: give one, or both the same")
     if (stop := _words(inputs, "stop_words", MAX_STOP_STRINGS)) or "stop_words" in inputs:
         fields["stop"] = tuple(stop)
     if bad := _words(inputs, "bad_words", MAX_BAD_WORDS):
