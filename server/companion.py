@@ -16,7 +16,6 @@ HEALTHY_AFTER_S = 30.0  # a run this long resets the backoff
 class Companion:
     def __init__(self, name: str, cmd: list[str], preexec_fn: Callable[[], None] | None = None):
         self.name, self.cmd, self._preexec_fn = name, cmd, preexec_fn
-        self.restarts = 0
         self._stopping = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._run, name=f"companion-{name}", daemon=True)
@@ -47,7 +46,6 @@ class Companion:
             # a run that lasted resets the backoff; one that dies at once waits longer each time
             lasted = time.monotonic() - began >= HEALTHY_AFTER_S
             backoff = FIRST_BACKOFF_S if lasted else min(2 * backoff, MAX_BACKOFF_S)
-            self.restarts += 1
             print(
                 f"{self.name} exited with status {status}; starting it again in {backoff:.0f} s",
                 file=sys.stderr,

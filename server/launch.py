@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import re
 import shutil
@@ -31,9 +30,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +46,21 @@ from maverick.serving.profile import (
     profile_engine_config,
     profile_names,
 )
-from server.companion import Companion
-from server.liveness import LivenessPolicy, LivenessProbe
+from server.liveness import LivenessPolicy
+from server.processes import (
+    EXIT_WEDGED,
+    port_free,
+    remove_stale_regions,
+    run_server,
+    server_ready,
+    shm_region_prefix,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = ROOT / "model_repository"
 NGC_SERVER = Path("/opt/tritonserver")
 MODELS_WITH_CHECKPOINT = ("preprocessing", "maverick")
 ADMIN_APIS = "model-repository,trace,logging,shared-memory"  # Triton's restricted-API categories
-EXIT_WEDGED = 3  # the liveness probe stopped the server (server/liveness.py)
 
 
 @dataclass(frozen=True)
@@ -266,16 +269,11 @@ class RunningServer:
 
     def _wait_ready(self, timeout: float, log_path: Path) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited ({self.proc.returncode}); see {log_path}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if server_ready(self.cfg.http_port):
+                return
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s; see {log_path}")
@@ -420,98 +418,6 @@ def main() -> None:
     )
     policy = LivenessPolicy(args.liveness_interval, args.liveness_timeout, args.liveness_failures)
     sys.exit(run_server(cmd, env, cfg, policy))
-
-
-def run_server(cmd: list[str], env: dict[str, str], cfg: ServeConfig, policy: LivenessPolicy) -> int:
-    """tritonserver as this process's child, in a session of its own: Ctrl-C and SIGTERM reach this
-    launcher, which passes one SIGINT on (Triton's clean stop); if the launcher dies the server gets
-    SIGTERM (PR_SET_PDEATHSIG). The liveness probe stops a wedged server. Returns the server's
-    exit status, or EXIT_WEDGED."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    wedged = threading.Event()
-
-    def on_wedged(reason: str) -> None:
-        if proc.poll() is not None:
-            return  # it stopped on its own meanwhile
-        print(f"liveness: the stack does not answer ({reason}); stopping the server", file=sys.stderr)
-        wedged.set()
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-            return
-        proc.kill()
-
-    probe = LivenessProbe(f"localhost:{cfg.http_port}", policy, lambda: _ready(cfg.http_port), on_wedged)
-
-    def stop(*_):
-        probe.stop()  # a server on its way down stops answering: not a wedge
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    probe.start()
-    openai = None
-    if cfg.openai_port:
-        openai = Companion("the OpenAI API server", openai_command(cfg), _die_with_parent).start()
-    status = proc.wait()
-    probe.stop()
-    if openai is not None:
-        openai.stop()
-    # stubs and engine processes left by a server that gave up at its exit timeout share its group
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return EXIT_WEDGED if wedged.is_set() else status
-
-
-def openai_command(cfg: ServeConfig) -> list[str]:
-    """openai_api/ against this server's gRPC port (it answers 503 until the ensemble is ready)."""
-    return [
-        sys.executable,
-        "-m",
-        "openai_api",
-        f"--triton-url=localhost:{cfg.grpc_port}",
-        f"--port={cfg.openai_port}",
-        "--log-level=warning",
-    ]
-
-
-def _die_with_parent() -> None:
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _ready(http_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://localhost:{http_port}/v2/health/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def shm_region_prefix(http_port: int) -> str:
-    """The Python backend's shared-memory regions of the server on this HTTP port."""
-    return f"maverick_{http_port}_"
-
-
-def remove_stale_regions(http_port: int) -> list[Path]:
-    """Remove /dev/shm regions a killed server on this port left (call with the port free: no
-    living server owns them then); returns them."""
-    shm = Path("/dev/shm")
-    stale = sorted(shm.glob(f"{shm_region_prefix(http_port)}*")) if shm.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 if __name__ == "__main__":
