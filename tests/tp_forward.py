@@ -70,6 +70,7 @@ def main(ckpt: str, rank: int, world: int, store: str, experts: str, inputs: str
     if rank == 0:
         torch.save(logits, out)
     if world > 1:
+        dist.barrier()  # gloo aborts a rank that tears down while a peer still talks to it
         dist.destroy_process_group()
 
 
