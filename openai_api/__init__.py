@@ -2,5 +2,6 @@
 
     python -m openai_api --triton-url localhost:8001 --port 9000
 
-See docs/api.md, "OpenAI-compatible API (first increment)".
+Modules: `protocol` (OpenAI bodies -> ensemble inputs), `triton` (one gRPC stream per request),
+`app` (HTTP, JSON and server-sent events), `errors` (OpenAI's error shape). See docs/api.md.
 """
