@@ -22,7 +22,7 @@ TRACE_FILE ?=
 SERVING_NICE ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tiny-model serve stop test lint format gpu-check bench loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
+.PHONY: aiperf-setup help venv tiny-model serve stop test lint format gpu-check bench loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
 
 help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
@@ -34,6 +34,7 @@ help:
 	@echo "make tiny-model  build the embedded default checkpoint into $(DEFAULT_MODEL)"
 	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
+	@echo "make aiperf-setup  AIPerf in build/aiperf-venv, for python -m loadtest.aiperf_run"
 	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
 	@echo "make soak        20 minutes of Locust at saturation, memory of every server process watched (SOAK_USERS, SOAK_DURATION, SOAK_WARMUP)"
 	@echo "make prometheus  Debian's prometheus and promtool into build/prometheus (for the monitoring test)"
@@ -108,6 +109,11 @@ gpu-check: venv tiny-model
 BENCH_ARGS ?=
 bench: venv tiny-model
 	$(PY) scripts/bench_engine.py --model-dir $(MODEL_DIR) --out results/bench $(BENCH_ARGS)
+
+# AIPerf (NVIDIA's benchmark client) in a venv of its own: it pins its own dependencies
+aiperf-setup:
+	python3 -m venv build/aiperf-venv
+	build/aiperf-venv/bin/pip install -q aiperf==0.13.0
 
 # Headless Locust against a running server (`make serve` elsewhere): summary, chart and a pass/fail
 # exit status from the thresholds in LOADTEST_ARGS (--max-error-rate, --max-p99-ttft,

@@ -276,3 +276,18 @@ def test_record_runs_both_sides_with_the_same_engine_settings_and_cpus(tiny_ckpt
         # the first token alone, then at most one response per 4 tokens (and the end)
         assert all(r["responses"] <= 1 + math.ceil(63 / 4) + 1 for r in done), side
     assert "served config with stream_interval=4" in (tmp_path / "record.md").read_text()
+
+
+def test_openai_overhead_is_the_median_of_paired_differences():
+    from loadtest.openai_overhead import summarize
+
+    # direct 10, 20, 30 ms; through the OpenAI server 11, 25, 31: added 1, 5, 1 -> median 1 ms
+    pairs = [
+        {"direct": {"ttft_s": d, "total_s": 2 * d}, "openai": {"ttft_s": o, "total_s": 2 * o}}
+        for d, o in ((0.010, 0.011), (0.020, 0.025), (0.030, 0.031))
+    ]
+    s = summarize(pairs)
+    assert s["ttft_s"]["added_ms"]["p50"] == pytest.approx(1.0)
+    assert s["ttft_s"]["direct_ms"]["p50"] == pytest.approx(20.0)
+    assert s["ttft_s"]["openai_ms"]["p50"] == pytest.approx(25.0)  # not 25 - 20 = 5: pairs, not sides
+    assert s["total_s"]["added_ms"]["p50"] == pytest.approx(2.0)
