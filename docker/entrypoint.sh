@@ -6,6 +6,9 @@
 #   PROFILE       server/profiles/NAME.json (cpu-tiny)
 #   HTTP_PORT, GRPC_PORT, METRICS_PORT   (8000, 8001, 8002)
 #   OPENAI_PORT   the OpenAI-compatible API beside Triton (9000; 0: none)
+#   OPENAI_ALLOWED_IMAGE_HOSTS, OPENAI_ALLOW_HTTP_IMAGES, OPENAI_MAX_IMAGE_BYTES,
+#   OPENAI_IMAGE_FETCH_TIMEOUT   which image URLs that API fetches (docs/api.md); it reads them from
+#                 the environment it inherits, so nothing here passes them on
 #   ENGINE_ARGS   "key=value ..." engine settings over the profile's
 #   SERVING_NICE  how far the stubs step below the engine process in priority (10)
 #   TRACE_FILE    Triton's per-request trace, written when the server stops

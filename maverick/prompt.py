@@ -132,12 +132,14 @@ def build_chat_prompt(
     images: Sequence[bytes | Image.Image] = (),
     *,
     system: str | None = None,
+    tools: Sequence[dict] | None = None,
     allow_special_tokens: bool = False,
     max_model_len: int | None = None,
 ) -> Prompt:
     """A chat prompt with the assistant header appended, ready to generate the reply. Special-token
-    text in the messages is plain text unless allow_special_tokens (trusted callers only)."""
-    chat = tokenizer.render_chat(messages, add_generation_prompt=True, system=system)
+    text in the messages is plain text unless allow_special_tokens (trusted callers only). `tools`:
+    OpenAI's function tools, listed in the system message (Tokenizer.render_chat)."""
+    chat = tokenizer.render_chat(messages, add_generation_prompt=True, system=system, tools=tools)
     supplied = iter(images)
     ordered: list[bytes | Image.Image] = []
     for part in chat.images:

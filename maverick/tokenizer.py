@@ -31,6 +31,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from maverick import tool_prompt
+
 ROLES = ("system", "user", "assistant", "ipython")
 ROLE_ALIASES = {"tool": "ipython"}  # OpenAI's tool-result role is Llama 4's ipython
 IMAGE_PART_TYPES = ("image", "image_url")
@@ -127,6 +129,13 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return int(token_id) not in self._bytes  # ids outside the vocabulary count as (empty) specials
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token as bytes: a BPE token's own bytes (maybe part of a UTF-8 character), a special
+        token's name in UTF-8, b"" for an id the tokenizer does not know (OpenAI's logprobs `bytes`)."""
+        i = int(token_id)
+        b = self._bytes.get(i)
+        return b if b is not None else self._special.get(i, "").encode()
 
     bos_id = property(lambda self: self.token_id("<|begin_of_text|>"))
     eos_id = property(lambda self: self.token_id("<|end_of_text|>"))
@@ -232,7 +241,11 @@ class Tokenizer:
     # --- chat ---
 
     def render_chat(
-        self, messages: Sequence[dict], add_generation_prompt: bool = True, system: str | None = None
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        system: str | None = None,
+        tools: Sequence[dict] | None = None,
     ) -> ChatPrompt:
         """Llama 4 chat text for OpenAI-shaped messages ({"role", "content": str | list of parts}).
 
@@ -243,6 +256,11 @@ class Tokenizer:
         each. `system` is a convenience for a leading system message. Same text as the
         chat_template in tokenizer_config.json (maverick.tiny_tokenizer.CHAT_TEMPLATE); the segments
         tell its control tokens from the content (`encode_chat`).
+
+        Tools (Llama 4's pythonic format, maverick.tool_prompt; the template knows none of this):
+        `tools` (OpenAI's list of function tools) makes the system message the tool instructions and
+        list, followed by the caller's own system text; an assistant message's `tool_calls` are
+        written after its content (which may then be None) as `[f(a=1), g(b="x")]`.
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -250,12 +268,22 @@ class Tokenizer:
             if _role_of(messages[0], 0) == "system":
                 raise ValueError("system= given and messages[0] is a system message too")
             messages = [{"role": "system", "content": system}, *messages]
+        functions = None if tools is None else tool_prompt.check_tools(tools)
         segments, images = [("<|begin_of_text|>", True)], []
+        if functions is not None and _role_of(messages[0], 0) != "system":
+            tools_turn = tool_prompt.system_message(functions)
+            segments += [*_header("system"), (tools_turn, False), ("<|eot|>", True)]
         for n, message in enumerate(messages):
             role = _role_of(message, n)
             content = _content_segments(message, role, n, images)
             if role == "system":  # no images in a system message: its content is one text
-                content = [("".join(text for text, _ in content).strip(), False)]
+                text = "".join(text for text, _ in content).strip()
+                if n == 0 and functions is not None:  # the tool list comes first, then the caller's text
+                    text = tool_prompt.system_message(functions, text)
+                content = [(text, False)]
+            if message.get("tool_calls"):  # only an assistant's (_content_segments checks)
+                calls = tool_prompt.tool_calls_text(message["tool_calls"], f"messages[{n}].tool_calls")
+                content.append((calls, False))
             segments += [*_header(role), *content, ("<|eot|>", True)]
         if add_generation_prompt:
             segments += _header("assistant")
@@ -280,13 +308,18 @@ def _role_of(message: object, n: int) -> str:
 
 
 def _content_segments(message: dict, role: str, n: int, images: list[dict]) -> list[tuple[str, bool]]:
-    if message.get("tool_calls"):
-        raise ValueError(f"messages[{n}]: tool_calls are not supported; put the call text in content")
+    calls = message.get("tool_calls")
+    if calls and role != "assistant":
+        raise ValueError(f"messages[{n}]: only assistant messages carry tool_calls, not {role}")
     content = message.get("content")
     if content is None:
+        if calls:  # OpenAI's assistant turn that only calls tools
+            return []
         raise ValueError(f"messages[{n}] ({role}) has no content")
     if isinstance(content, str):
         return [(content, False)]
+    if role == "ipython" and isinstance(content, dict):  # a tool's result as JSON, as the release template
+        return [(json.dumps(content, ensure_ascii=False), False)]
     if not isinstance(content, (list, tuple)):
         got = type(content).__name__
         raise ValueError(f"messages[{n}].content must be a str or a list of parts, got {got}")

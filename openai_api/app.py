@@ -1,7 +1,9 @@
-"""The ASGI app: OpenAI's chat completions API over HTTP (JSON and server-sent events).
+"""The ASGI app: OpenAI's chat completions and (legacy) completions APIs over HTTP (JSON and
+server-sent events), with its own Prometheus metrics on /metrics.
 
-Requests are translated in `protocol.py`, run as one gRPC stream each in `triton.py` (one shared
-`tritonclient.grpc.aio` client), and answered here in OpenAI's response and chunk shapes.
+Requests are translated in `protocol.py`, their remote images fetched in `images.py`, run as one
+gRPC stream each in `triton.py` (one shared `tritonclient.grpc.aio` client), and answered here in
+OpenAI's response and chunk shapes (`shapes.py`: what differs between the two APIs).
 """
 
 from __future__ import annotations
@@ -13,22 +15,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from openai_api import tool_calls
 from openai_api.errors import APIError, bad_request
-from openai_api.protocol import ChatRequest, parse_chat
+from openai_api.images import ImagePolicy, resolve_images
+from openai_api.logprobs import TokenLogprobs
+from openai_api.metrics import STARTED, Metrics, MetricsMiddleware, endpoint_of, first_token_timer
+from openai_api.protocol import ChatRequest, parse_chat, parse_completion
+from openai_api.shapes import CHAT, COMPLETION, Shape
 from openai_api.triton import ENSEMBLE, Delta, triton_stream
 
 log = logging.getLogger("openai_api")
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop"}
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop", "tool_calls": "tool_calls"}
 
 
 @dataclass
@@ -49,11 +57,21 @@ class Usage:
         }
 
 
-def create_app(triton_url: str, served_model_name: str = "maverick") -> Starlette:
+def create_app(
+    triton_url: str,
+    served_model_name: str = "maverick",
+    image_policy: ImagePolicy | None = None,
+    tokenizer_dir: str | None = None,
+) -> Starlette:
+    """`image_policy`: which remote image URLs are fetched (images.py); None: none, data URLs only.
+    `tokenizer_dir`: the checkpoint whose tokenizer names the tokens of `logprobs` (logprobs.py);
+    None: requests for logprobs are refused."""
     from tritonclient.grpc.aio import InferenceServerClient
 
+    token_logprobs = TokenLogprobs.from_dir(tokenizer_dir) if tokenizer_dir else None
     state: dict[str, Any] = {}
     created = int(time.time())
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -86,16 +104,32 @@ def create_app(triton_url: str, served_model_name: str = "maverick") -> Starlett
         return JSONResponse(model_card())
 
     async def chat(request: Request) -> Response:
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("the request body is not valid JSON") from None
-        req = parse_chat(body, served_model_name)
-        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        return await answer(request, parse_chat(await _json(request), served_model_name), CHAT)
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, parse_completion(await _json(request), served_model_name), COMPLETION)
+
+    async def answer(request: Request, req: ChatRequest, shape: Shape) -> Response:
+        """One request to the ensemble, answered whole or streamed in `shape`."""
+        if req.logprobs and token_logprobs is None:
+            raise bad_request(
+                "'logprobs' needs the model's tokenizer: this server was started without --tokenizer",
+                "logprobs",
+            )
+        tokens = token_logprobs if req.logprobs else None
+        if req.fields.get("images"):
+            req.fields["images"] = await resolve_images(req.fields["images"], image_policy)
+        cid, now = f"{shape.id_prefix}{uuid.uuid4().hex}", int(time.time())
         deltas = triton_stream(state["client"], req.fields, req.stream)
         if req.stream:
-            return await _streamed(deltas, req, cid, now, served_model_name)
-        return await _whole(request, deltas, cid, now, served_model_name)
+            endpoint = endpoint_of(request.url.path)
+            began = request.scope.get(STARTED, time.monotonic())
+            deltas = first_token_timer(deltas, began, lambda s: metrics.first_token(endpoint, s))
+            return await _streamed(deltas, req, cid, now, served_model_name, shape, tokens)
+        return await _whole(request, deltas, cid, now, served_model_name, shape, req, tokens)
+
+    async def prometheus(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def on_api_error(request: Request, exc: APIError) -> Response:
         return exc.response()
@@ -109,24 +143,44 @@ def create_app(triton_url: str, served_model_name: str = "maverick") -> Starlett
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/metrics", prometheus, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={APIError: on_api_error, HTTPException: on_http_error},
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
     )
 
 
-async def _whole(request: Request, deltas: AsyncIterator[Delta], cid: str, now: int, model: str) -> Response:
-    """The non-streamed answer; a client that leaves before it cancels the Triton request."""
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("the request body is not valid JSON") from None
+
+
+async def _whole(
+    request: Request,
+    deltas: AsyncIterator[Delta],
+    cid: str,
+    now: int,
+    model: str,
+    shape: Shape = CHAT,
+    req: ChatRequest | None = None,
+    tokens: TokenLogprobs | None = None,
+) -> Response:
+    """The non-streamed answer, a choice per `sequence_index` (n > 1: the ensemble answers each
+    choice apart); a client that leaves before it cancels the Triton request."""
 
     async def collect():
-        text, finish, usage = [], None, Usage()
+        choices: dict[int, _Choice] = {}
+        usage = Usage()  # the prompt once, the completion tokens of every choice
         async for d in deltas:
-            text.append(d.text)
-            finish = d.finish_reason or finish
+            choices.setdefault(d.index, _Choice()).add(d, tokens)
             usage.add(d)
-        return "".join(text), finish, usage
+        return choices, usage
 
     async def watch():
         while not await request.is_disconnected():
@@ -144,25 +198,51 @@ async def _whole(request: Request, deltas: AsyncIterator[Delta], cid: str, now: 
             await deltas.aclose()
     if left:
         return Response(status_code=499)
-    text, finish, usage = work.result()
+    by_index, usage = work.result()
+    choices = []
+    for index, choice in sorted(by_index.items()):
+        text, finish = "".join(choice.text), choice.finish
+        message = shape.message(text)
+        if req is not None and req.tool_calls:  # Llama 4's tool calls: the whole answer, or none
+            found = tool_calls.parse(text, req.parallel_tool_calls)
+            if found.tool_calls:
+                message["message"].update(content=None, tool_calls=[c.message() for c in found.tool_calls])
+                finish = "tool_calls"
+        logprobs = {"content": choice.logprobs, "refusal": None} if tokens is not None else None
+        choices.append(
+            {
+                "index": index,
+                **message,
+                "logprobs": logprobs,
+                "finish_reason": FINISH_REASONS.get(finish or "stop", "stop"),
+            }
+        )
     return JSONResponse(
         {
             "id": cid,
-            "object": "chat.completion",
+            "object": shape.object,
             "created": now,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": FINISH_REASONS.get(finish or "stop", "stop"),
-                }
-            ],
+            "choices": choices,
             "usage": usage.as_dict(),
             "system_fingerprint": None,
         }
     )
+
+
+@dataclass
+class _Choice:
+    """One choice's deltas, gathered (a non-streamed answer)."""
+
+    text: list[str] = field(default_factory=list)
+    finish: str | None = None
+    logprobs: list[dict] = field(default_factory=list)
+
+    def add(self, d: Delta, tokens: TokenLogprobs | None) -> None:
+        self.text.append(d.text)
+        self.finish = d.finish_reason or self.finish
+        if tokens is not None:
+            self.logprobs += tokens.content(d)
 
 
 def _sse(obj: dict) -> bytes:
@@ -170,36 +250,68 @@ def _sse(obj: dict) -> bytes:
 
 
 async def _streamed(
-    deltas: AsyncIterator[Delta], req: ChatRequest, cid: str, now: int, model: str
+    deltas: AsyncIterator[Delta],
+    req: ChatRequest,
+    cid: str,
+    now: int,
+    model: str,
+    shape: Shape = CHAT,
+    tokens: TokenLogprobs | None = None,
 ) -> Response:
-    """Server-sent events as OpenAI sends them. The first response from Triton is awaited before
-    the 200 goes out, so a refused request (bad input, overload) gets its HTTP status."""
+    """Server-sent events as OpenAI sends them, each chunk one choice's (its `index`; n > 1: the
+    choices' chunks interleave, each ends with its own finish_reason). The first response from
+    Triton is awaited before the 200 goes out, so a refused request (bad input, overload) gets its
+    HTTP status."""
     try:
         first = await deltas.__anext__()
     except StopAsyncIteration:
         first = None
 
     def chunk(
-        delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True
+        part: dict,
+        finish: str | None = None,
+        usage: dict | None = None,
+        choices: bool = True,
+        index: int = 0,
+        logprobs: dict | None = None,
     ) -> bytes:
+        """`part`: the choice's delta (chat) or text (completions), from `shape`."""
         obj = {
             "id": cid,
-            "object": "chat.completion.chunk",
+            "object": shape.chunk_object,
             "created": now,
             "model": model,
             "system_fingerprint": None,
         }
         obj["choices"] = (
-            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else []
+            [{"index": index, **part, "logprobs": logprobs, "finish_reason": finish}] if choices else []
         )
         if req.include_usage:
             obj["usage"] = usage
         return _sse(obj)
 
+    # text that may be a tool call is held until its choice ends (tool_calls.py): a parser per choice
+    parsers: dict[int, tool_calls.StreamParser] = {}
+
+    def ending(index: int, finish: str | None) -> list[bytes]:
+        """A choice's last chunks: what its parser held, then its finish_reason."""
+        out = []
+        if (parser := parsers.get(index)) is not None:
+            rest = parser.finish()
+            if rest.content:
+                out.append(chunk(shape.content(rest.content), index=index))
+            for i, call in enumerate(rest.tool_calls):
+                out.append(chunk({"delta": {"tool_calls": [call.delta(i)]}}, index=index))
+            finish = "tool_calls" if rest.tool_calls else finish
+        out.append(chunk(shape.closing(), FINISH_REASONS.get(finish or "stop", "stop"), index=index))
+        return out
+
     async def events():
-        usage, finish = Usage(), None
+        usage, ended = Usage(), set()  # usage: the prompt once, the completion tokens of every choice
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            if (opening := shape.opening()) is not None:
+                for index in range(req.n):
+                    yield chunk(opening, index=index)
             pending = [first] if first is not None else []
             while True:
                 if pending:
@@ -210,10 +322,23 @@ async def _streamed(
                     except StopAsyncIteration:
                         break
                 usage.add(d)
-                finish = d.finish_reason or finish
-                if d.text:
-                    yield chunk({"content": d.text})
-            yield chunk({}, FINISH_REASONS.get(finish or "stop", "stop"))
+                if req.tool_calls and d.index not in parsers:
+                    parsers[d.index] = tool_calls.StreamParser(req.parallel_tool_calls)
+                parser = parsers.get(d.index)
+                text = parser.feed(d.text) if parser else d.text
+                logprobs = None
+                if tokens is not None and d.token_ids:
+                    logprobs = {"content": tokens.content(d), "refusal": None}
+                if text or logprobs:
+                    yield chunk(shape.content(text), index=d.index, logprobs=logprobs)
+                if d.finish_reason:
+                    ended.add(d.index)
+                    for event in ending(d.index, d.finish_reason):
+                        yield event
+            for index in range(req.n):
+                if index not in ended:
+                    for event in ending(index, None):
+                        yield event
             if req.include_usage:
                 yield chunk({}, usage=usage.as_dict(), choices=False)
             yield b"data: [DONE]\n\n"

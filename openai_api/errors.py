@@ -5,6 +5,10 @@ from __future__ import annotations
 import grpc
 from starlette.responses import JSONResponse
 
+# Seconds a client should wait before retrying a 503 (overloaded, engine restarting, Triton down):
+# the engine's queue drains in about a step, an engine restart backs off from 1 s.
+RETRY_AFTER_S = 1
+
 # Ensemble messages (no status code over a gRPC stream, docs/api.md) that mean "retry later".
 _UNAVAILABLE = ("the server is overloaded", "the engine stopped", "is not ready", "unknown model")
 _INTERNAL = ("engine step failed", "internal error")
@@ -18,7 +22,8 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=retry)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

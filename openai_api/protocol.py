@@ -12,9 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from maverick.engine.sampling_params import MAX_N, MAX_TOP_LOGPROBS
 from openai_api.errors import APIError, bad_request, unsupported
+from openai_api.images import RemoteImage
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
@@ -22,6 +24,10 @@ class ChatRequest:
     fields: dict[str, Any]  # ensemble inputs, client.llm.request_fields' names
     stream: bool = False
     include_usage: bool = False
+    tool_calls: bool = False  # the answer may be Llama 4 tool calls (tool_calls.py parses it)
+    parallel_tool_calls: bool = True  # False: the first call only
+    n: int = 1  # choices (the ensemble's num_return_sequences)
+    logprobs: bool = False  # each choice's `logprobs.content` (top_logprobs entries per token)
 
 
 # OpenAI (and vLLM's extra) sampling parameters -> (ensemble input, type)
@@ -38,12 +44,12 @@ _PARAMS = {
     "min_tokens": ("min_tokens", int),
     "ignore_eos": ("ignore_eos", bool),
 }
-_UNSUPPORTED = ("logit_bias", "tools", "tool_choice", "functions", "function_call", "audio", "prediction")
+_UNSUPPORTED = ("functions", "function_call", "audio", "prediction")
 
 
 def _convert_messages(messages: Any) -> tuple[list[dict], list[bytes]]:
-    """OpenAI messages -> the ensemble's messages (image parts as {"type": "image"}) and the images'
-    bytes in order. Only data URLs: nothing is fetched."""
+    """OpenAI messages -> the ensemble's messages (image parts as {"type": "image"}) and the images
+    in order: bytes, or RemoteImage for the app to fetch (nothing is fetched here)."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "messages")
     out, images = [], []
@@ -52,14 +58,18 @@ def _convert_messages(messages: Any) -> tuple[list[dict], list[bytes]]:
         if not isinstance(m, dict):
             raise bad_request(f"{where} must be an object", "messages")
         role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise unsupported("tools")
+        if role == "function" or m.get("function_call"):
+            raise unsupported("functions")
         if role not in ROLES:
             raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
         role = "system" if role == "developer" else role
         content = m.get("content")
+        calls = _tool_calls_of(m, role, where)
+        if calls is not None and content is None:  # an assistant turn that only calls tools
+            out.append({"role": role, "content": None, "tool_calls": calls})
+            continue
         if isinstance(content, str):
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
             continue
         if not isinstance(content, list):
             raise bad_request(f"{where}.content must be a string or a list of parts", "messages")
@@ -80,18 +90,67 @@ def _convert_messages(messages: Any) -> tuple[list[dict], list[bytes]]:
                     f"{where}.content[{j}]: unsupported part type {kind!r} (expected text or image_url)",
                     "messages",
                 )
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": parts, **({"tool_calls": calls} if calls else {})})
     return out, images
 
 
-def _image_bytes(image_url: Any, where: str) -> bytes:
+def _tool_calls_of(m: dict, role: str, where: str) -> list | None:
+    """An assistant message's tool_calls, passed on as they are: the ensemble checks and writes them
+    the way Llama 4 wrote them. A tool message's tool_call_id has no place in Llama 4's format."""
+    calls = m.get("tool_calls")
+    if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise bad_request(f"{where}: a tool message needs its 'tool_call_id' (a string)", "messages")
+    if calls is None or calls == []:
+        return None
+    if role != "assistant":
+        raise bad_request(f"{where}: only assistant messages carry tool_calls", "messages")
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise bad_request(f"{where}.tool_calls must be a list of objects", "messages")
+    return calls
+
+
+_CONSTRAINED = (
+    "tool_choice {} needs constrained decoding, which this server does not have: Llama 4 chooses "
+    "whether to call a tool; use 'auto' (or 'none')"
+)
+
+
+def _tools(body: dict) -> tuple[list | None, bool]:
+    """OpenAI's tools and tool_choice -> (the tools to list in the prompt, or None; whether to look
+    for tool calls in the answer). The ensemble checks each tool (names, schemas, size)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and (not isinstance(tools, list) or not tools):
+        raise bad_request("'tools' must be a non-empty list of function tools", "tools")
+    if choice is None:
+        choice = "none" if tools is None else "auto"
+    if choice == "required" or isinstance(choice, dict):
+        which = "'required'" if choice == "required" else "naming a function"
+        raise bad_request(_CONSTRAINED.format(which), "tool_choice", "unsupported_parameter")
+    if choice not in ("none", "auto"):
+        raise bad_request(
+            "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', ...}", "tool_choice"
+        )
+    if choice == "auto" and tools is None:
+        raise bad_request("tool_choice 'auto' needs 'tools'", "tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad_request("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    # 'none' (OpenAI): the model sees no tools and its answer is content
+    return (tools, True) if choice == "auto" else (None, False)
+
+
+def _image_bytes(image_url: Any, where: str) -> bytes | RemoteImage:
+    """A data URL's bytes; an http(s) URL as a RemoteImage, which the app fetches (images.py) if
+    the operator allows its host, before the request goes to Triton."""
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
         raise bad_request(f"{where}.image_url.url must be a string", "messages")
+    if url[:8].lower().startswith(("http://", "https://")):
+        return RemoteImage(url, where)
     if not url.startswith("data:"):
         raise bad_request(
-            f"{where}: only data URLs (data:image/...;base64,...) are accepted; "
-            "this server does not fetch remote image URLs",
+            f"{where}: image URLs must be data URLs (data:image/...;base64,...) or, where this server "
+            "allows their host, http(s) URLs",
             "messages",
             "invalid_image_url",
         )
@@ -106,7 +165,7 @@ def _image_bytes(image_url: Any, where: str) -> bytes:
         ) from None
 
 
-def parse_chat(body: Any, model_name: str) -> ChatRequest:
+def _check_model(body: Any, model_name: str) -> None:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
@@ -117,10 +176,10 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
             404, f"The model '{model}' does not exist; this server serves '{model_name}'",
             "invalid_request_error", "model", "model_not_found",
         )  # fmt: skip
-    if body.get("n") not in (None, 1):
-        raise unsupported("n")
-    if body.get("logprobs") or body.get("top_logprobs") is not None:
-        raise unsupported("logprobs")
+
+
+def parse_chat(body: Any, model_name: str) -> ChatRequest:
+    _check_model(body, model_name)
     for name in _UNSUPPORTED:
         if body.get(name):
             raise unsupported(name)
@@ -129,10 +188,53 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
         raise unsupported("response_format")
 
     messages, images = _convert_messages(body.get("messages"))
+    tools, tool_calls = _tools(body)
     fields: dict[str, Any] = {"messages": json.dumps(messages)}
     if images:
         fields["images"] = images
+    if tools is not None:
+        fields["tools"] = json.dumps(tools)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    req = _with_sampling(body, fields, max_tokens)
+    req.tool_calls, req.parallel_tool_calls = tool_calls, body.get("parallel_tool_calls") is not False
+    _choices_and_logprobs(body, req)
+    return req
+
+
+def _int_in(body: dict, name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi):
+        raise bad_request(f"'{name}' must be an integer from {lo} to {hi}, got {value!r}", name)
+    return value
+
+
+def _choices_and_logprobs(body: dict, req: ChatRequest) -> None:
+    """`n`, `logprobs`, `top_logprobs` and `logit_bias` (the ensemble checks the biases' ids and
+    ranges, and names logit_bias as OpenAI does)."""
+    fields = req.fields
+    n = _int_in(body, "n", 1, MAX_N)
+    if n is not None and n > 1:
+        req.n = fields["num_return_sequences"] = n
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad_request("'logprobs' must be a boolean", "logprobs")
+    top = _int_in(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if logprobs:
+        req.logprobs = fields["return_log_probs"] = True
+        if top:
+            fields["top_log_probs"] = top
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad_request("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+        if bias:
+            fields["logit_bias"] = json.dumps(bias)
+
+
+def _with_sampling(body: dict, fields: dict[str, Any], max_tokens: Any) -> ChatRequest:
+    """The parameters chat and (legacy) completions share, added to `fields`: the request."""
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise bad_request("'max_tokens' must be a positive integer", "max_tokens")
@@ -164,3 +266,45 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
     return ChatRequest(
         fields, stream=bool(body.get("stream")), include_usage=bool(options.get("include_usage"))
     )
+
+
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+
+
+def parse_completion(body: Any, model_name: str) -> ChatRequest:
+    """A legacy completions body (`POST /v1/completions`) -> the ensemble's raw prompt request:
+    `text_input` without the chat template, so the text is the whole prompt (one BOS is added)."""
+    _check_model(body, model_name)
+    # One choice, no log-probabilities yet: where chat gains `n` and `logprobs`, they plug in here
+    # (completions' `logprobs` is an int, up to 5, with its own answer shape; `best_of` >= n).
+    for name in ("n", "best_of"):
+        if body.get(name) not in (None, 1):
+            raise unsupported(name)
+    if body.get("logprobs") is not None:
+        raise unsupported("logprobs")
+    for name in ("suffix", "logit_bias"):
+        if body.get(name):
+            raise unsupported(name)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+        raise bad_request(
+            "'prompt' as token ids is unsupported by this server: send the text",
+            "prompt", "unsupported_parameter",
+        )  # fmt: skip
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request(
+            "several prompts in one request are unsupported yet: send one request per prompt",
+            "prompt", "unsupported_parameter",
+        )  # fmt: skip
+    if not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string (or a list of one string)", "prompt")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise bad_request("'echo' must be a boolean", "echo")
+    fields: dict[str, Any] = {"text_input": prompt, "apply_chat_template": False}
+    if echo:
+        fields["exclude_input_in_output"] = False  # the ensemble puts the prompt first
+    max_tokens = body.get("max_tokens")
+    return _with_sampling(body, fields, COMPLETIONS_MAX_TOKENS if max_tokens is None else max_tokens)

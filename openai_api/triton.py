@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -28,6 +28,11 @@ class Delta:
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
+    index: int = 0  # the choice (sequence_index), with n > 1
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] | None = None  # with return_log_probs: one per token
+    top_log_prob_ids: list[list[int]] | None = None  # with top_log_probs = K: [tokens][K]
+    top_log_probs: list[list[float]] | None = None
 
 
 def _first(result, name: str, default):
@@ -69,15 +74,26 @@ async def triton_stream(client, fields: dict[str, Any], stream: bool) -> AsyncIt
                 result = InferResult(response.infer_response)
                 text = _first(result, "text_output", b"")
                 finish = _first(result, "finish_reason", b"")
+                ids = result.as_numpy("output_token_ids")
+                lps, top = result.as_numpy("output_log_probs"), result.as_numpy("output_top_log_probs")
+                top_ids = result.as_numpy("output_top_log_prob_ids")
                 yield Delta(
                     text=text.decode() if isinstance(text, bytes) else str(text),
                     finish_reason=(finish.decode() if isinstance(finish, bytes) else str(finish)) or None,
                     num_input_tokens=int(_first(result, "num_input_tokens", 0)),
                     num_output_tokens=int(_first(result, "num_output_tokens", 0)),
+                    index=int(_first(result, "sequence_index", 0)),
+                    token_ids=[] if ids is None else ids.reshape(-1).tolist(),
+                    log_probs=None if lps is None else lps.reshape(-1).tolist(),
+                    # [1, tokens, K] -> a row per token
+                    top_log_probs=None if top is None else top[0].tolist(),
+                    top_log_prob_ids=None if top_ids is None else top_ids[0].tolist(),
                 )
             if final:
+                # our side closes the stream; the loop ends once Triton closes its own. Cancelling
+                # the call here instead raced Triton's teardown of the ensemble request and now and
+                # then left the ensemble unable to unload (the server then misses its exit timeout)
                 done.set()
-                return
     except grpc.aio.AioRpcError as e:
         raise rpc_error(e) from None
     finally:

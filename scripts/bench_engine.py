@@ -80,6 +80,13 @@ def default_num_requests(c: int) -> int:
     return max(4 * c, 16)
 
 
+def draw_shapes(
+    rng: random.Random, counts: list[int], prompt_len: tuple[int, int], output_len: tuple[int, int]
+) -> list[list[tuple[int, int]]]:
+    """[level] -> (prompt tokens, max_tokens) per request, each uniform in its range."""
+    return [[(rng.randint(*prompt_len), rng.randint(*output_len)) for _ in range(n)] for n in counts]
+
+
 def make_workload(
     tok: Tokenizer,
     seed: int,
@@ -104,7 +111,7 @@ def make_workload(
         )
     max_body = hi - len(head) - len(tail)
     rng = random.Random(seed)
-    shapes = [[(rng.randint(lo, hi), rng.randint(*output_len)) for _ in range(n)] for n in counts]
+    shapes = draw_shapes(rng, counts, prompt_len, output_len)
     starts = iter(rng.sample(range(len(corpus) - max_body), sum(counts) * repeats))
     attempts = []
     for _ in range(repeats):

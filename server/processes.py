@@ -77,6 +77,7 @@ def openai_command(cfg: ServeConfig) -> list[str]:
         "openai_api",
         f"--triton-url=localhost:{cfg.grpc_port}",
         f"--port={cfg.openai_port}",
+        f"--tokenizer={Path(cfg.model_dir).resolve()}",  # the tokens of `logprobs`
         "--log-level=warning",
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -104,7 +105,24 @@ def triton(tiny_ckpt, tmp_path_factory):
     build = tmp_path_factory.mktemp("triton")
     server = start_triton(tiny_ckpt, build)
     yield server
-    assert server.stop() == 0, f"tritonserver did not exit cleanly; see {build / 'server.log'}"
+    assert_stopped_cleanly(server, build / "server.log")
+
+
+# Triton 2.51: a gRPC stream cancelled as its ensemble request ends can leave the ensemble itself
+# (no backend, nothing running) registered; shutdown then waits out the exit timeout and exits 1
+# (docs/failure-modes.md, known gaps). That and only that passes for a clean stop: nothing in
+# flight when shutdown began, every Python model unloaded, one model (the ensemble) left.
+def assert_stopped_cleanly(server, log_path: Path) -> None:
+    status = server.stop()
+    if status == 0:
+        return
+    log = log_path.read_text()
+    in_flight = re.findall(r"Found (\d+) model versions that have in-flight inferences", log)
+    live = re.findall(r"Found (\d+) live models", log)
+    steps = ("preprocessing", "maverick", "postprocessing")
+    unloaded = all(f"successfully unloaded '{m}'" in log for m in steps)
+    known_gap = in_flight[-1:] == ["0"] and live[-1:] == ["1"] and unloaded
+    assert known_gap, f"tritonserver did not exit cleanly ({status}); see {log_path}"
 
 
 async def collect(engine, request_id, prompt, params):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 
@@ -239,3 +240,54 @@ def test_an_abort_releases_the_tokens_a_stream_interval_held(tiny_ckpt):
     [aborted] = c.push([out("b", [], 3, finished=True)])  # the abort's final update carries the held ones
     assert aborted.token_ids == [8, 9] and aborted.finished and aborted.num_output_tokens == 3
     assert c._held == {}
+
+
+def test_a_request_with_three_choices_streams_each_and_ends_after_the_last(engine, tiny_ckpt):
+    """Choice i is the n = 1 request with seed + i; a slow consumer gets each choice's queued
+    updates merged (never two choices in one update); the stream ends with the last choice."""
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    params = SamplingParams(n=3, seed=9, max_tokens=16, temperature=1.0, ignore_eos=True, logprobs=True)
+
+    async def main():
+        alone = [
+            await collect(engine, f"one{i}", _prompt(tok, 5), dataclasses.replace(params, n=1, seed=9 + i))
+            for i in range(3)
+        ]
+        updates = []
+        async for out in engine.generate("three", _prompt(tok, 5), params):
+            updates.append(out)
+            time.sleep(0.05)  # blocks the event loop: updates queue, and leave merged per choice
+        return alone, updates
+
+    alone, updates = asyncio.run(main())
+    assert {u.index for u in updates} == {0, 1, 2}
+    for i, (ids, text, last) in enumerate(alone):
+        mine = [u for u in updates if u.index == i]
+        assert [t for u in mine for t in u.token_ids] == ids and "".join(u.text for u in mine) == text
+        assert all(len(u.logprobs) == len(u.token_ids) for u in mine)
+        assert mine[-1].finished and not any(u.finished for u in mine[:-1])
+        assert mine[-1].cumulative_logprob == pytest.approx(last.cumulative_logprob, abs=1e-4)
+    assert updates[-1].finished and len(updates) < 48  # some merged
+
+
+def test_leaving_a_stream_of_several_choices_aborts_them_all(engine, tiny_ckpt):
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    params = SamplingParams(n=4, max_tokens=500, ignore_eos=True)
+
+    async def main():
+        seen = set()
+        stream = engine.generate("leaver-n", _prompt(tok, 2), params)
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                seen.add(out.index)
+                if len(seen) == 4:
+                    break
+        for _ in range(200):
+            s = engine.stats()
+            if s["num_running"] == 0 and s["kv_blocks_used"] == 0:
+                return seen, s
+            await asyncio.sleep(0.01)
+        return seen, engine.stats()
+
+    seen, stats = asyncio.run(main())
+    assert seen == {0, 1, 2, 3} and stats["num_running"] == 0 and stats["kv_blocks_used"] == 0

@@ -178,7 +178,7 @@ def test_model_runner_routes_steps(tiny_ckpt):
     engine, stub = _engine_with_stub(tiny_ckpt, max_num_seqs=4, budget=64)
     engine.add_request("a", Prompt(list(range(1, 21))), _greedy(6))  # 20 prompt tokens
     assert _step(engine) == "reference"  # a's prefill
-    a = engine.seqs["a"]
+    a = engine.requests["a"][0]
     assert _step(engine) == "fixed"  # a's first decode, alone
     batch = stub.batches[-1]
     assert batch.input_ids.tolist() == [a.output_token_ids[0]] and batch.positions.tolist() == [20]
@@ -202,7 +202,7 @@ def test_one_token_prefill_chunks_run_fixed_shape_and_sample_only_at_the_end(tin
     engine.add_request("a", Prompt([1, 2, 3]), _greedy(2))
     assert _step(engine) == "reference"  # a's first 2 prompt tokens
     engine.add_request("b", Prompt([4, 5, 6]), _greedy(1))
-    a, b = engine.seqs["a"], engine.seqs["b"]
+    a, b = engine.requests["a"][0], engine.requests["b"][0]
     outputs = []
     while engine.has_unfinished():
         before = len(stub.batches)

@@ -171,6 +171,13 @@ def test_make_docker_serve_runs_the_gpu_image_as_documented():
     cpu = _make_n("docker-serve-cpu", "DOCKER=podman")
     assert cpu[:2] == ["podman", "run"] and cpu[-1] == "maverick-triton:cpu"
     assert "-v" not in cpu and not any(w.startswith("MODEL_DIR=") for w in cpu)
+    # the OpenAI API's image URL settings reach the container only when set (docs/api.md)
+    assert not any(w.startswith("OPENAI_ALLOWED_IMAGE_HOSTS") for w in cpu)
+    images = _make_n(
+        "docker-serve-cpu", "OPENAI_ALLOWED_IMAGE_HOSTS=img.example", "OPENAI_ALLOW_HTTP_IMAGES=1"
+    )
+    pairs = set(zip(images[:-1], images[1:], strict=True))
+    assert {("-e", "OPENAI_ALLOWED_IMAGE_HOSTS"), ("-e", "OPENAI_ALLOW_HTTP_IMAGES")} <= pairs
 
 
 def test_make_docker_build_builds_the_images_asked_for():

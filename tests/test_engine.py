@@ -159,14 +159,14 @@ def test_different_image_same_text_does_not_share_past_the_image(tiny_ckpt, tok)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     run(engine, [("a", a, params, 0)])
     engine.add_request("b", b, params)
-    seq = engine.seqs["b"]
+    seq = engine.requests["b"][0]
     while engine.has_unfinished():
         engine.step()
     first_patch = a.token_ids.index(tok.patch_id)
     cached = seq.num_cached_tokens
     assert cached <= first_patch, (cached, first_patch)
     engine.add_request("a2", a, params)
-    seq = engine.seqs["a2"]
+    seq = engine.requests["a2"][0]
     engine.step()
     assert seq.num_cached_tokens > first_patch  # the same picture does hit past it
 
@@ -178,10 +178,10 @@ def test_abort_frees_blocks_at_once(tiny_ckpt, reqs):
     engine.add_request("other", reqs[6][1], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     for _ in range(3):
         engine.step()
-    out = engine.abort(rid)
+    (out,) = engine.abort(rid)
     assert out.finished and out.finish_reason == "abort"
-    engine.block_manager.check_invariants(list(engine.seqs.values()))
-    assert engine.abort(rid) is None
+    engine.block_manager.check_invariants([s for seqs in engine.requests.values() for s in seqs])
+    assert engine.abort(rid) == []
     while engine.has_unfinished():
         engine.step()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -262,3 +262,167 @@ def test_bad_words_are_never_generated(tiny_ckpt, tok, reqs):
     # tokenized beforehand, as the server's preprocessing sends them: the same answer
     ids = dataclasses.replace(free, bad_words_ids=tok.bad_words_ids([banned]))
     assert run(engine, [("y", prompt, ids, 0)])["y"] == got
+
+
+def _stream(engine: LLMEngine, rid: str, prompt: Prompt, params: SamplingParams) -> list:
+    """Every output of one request run alone to its end."""
+    engine.add_request(rid, prompt, params)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
+
+
+def test_logprobs_top_logprobs_and_cumulative_are_the_models_raw_distribution(tiny_ckpt, reqs, reference):
+    """Sampled with penalties: the log-probs are still those of the unmodified distribution, which
+    transformers' logits give independently (fp32: within 1e-4)."""
+    prompt = reqs[3][1]
+    params = SamplingParams(
+        max_tokens=6,
+        temperature=0.8,
+        seed=3,
+        presence_penalty=1.5,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=4,
+    )
+    outs = _stream(make_engine(tiny_ckpt), "lp", prompt, params)
+    ids = [t for o in outs for t in o.token_ids]
+    lps = [lp for o in outs for lp in o.logprobs]
+    top_ids = [row for o in outs for row in o.top_token_ids]
+    top_lps = [row for o in outs for row in o.top_logprobs]
+    assert len(ids) == len(lps) == len(top_ids) == len(top_lps) == 6
+    n = len(prompt.token_ids)
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor([prompt.token_ids + ids])).logits[0, n - 1 : -1]  # [6, V]
+    oracle = torch.log_softmax(logits.float(), dim=-1)
+    values, indices = oracle.topk(4)
+    assert top_ids == indices.tolist()
+    torch.testing.assert_close(torch.tensor(top_lps), values, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(lps), oracle[torch.arange(6), torch.tensor(ids)], atol=1e-4, rtol=0
+    )
+    running = 0.0
+    for o in outs:  # each update carries the sum so far
+        running += sum(o.logprobs)
+        assert o.cumulative_logprob == pytest.approx(running, abs=1e-9)
+    assert outs[-1].cumulative_logprob == pytest.approx(
+        oracle[torch.arange(6), torch.tensor(ids)].sum().item(), abs=1e-3
+    )
+    plain = _stream(
+        make_engine(tiny_ckpt), "plain", prompt, dataclasses.replace(params, logprobs=False, top_logprobs=0)
+    )
+    assert [t for o in plain for t in o.token_ids] == ids  # asking for log-probs changes no choice
+    assert all(o.logprobs is None and o.cumulative_logprob is None and o.top_logprobs is None for o in plain)
+
+
+def test_logit_bias_forces_or_bans_a_token_under_greedy(tiny_ckpt, reqs):
+    """+100 makes a token the argmax at every step, -100 keeps the likeliest one out; the returned
+    log-probs stay those of the unbiased distribution."""
+    prompt = reqs[2][1]
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=20)
+    engine = make_engine(tiny_ckpt)
+    free = _stream(engine, "free", prompt, greedy)
+    ids = [t for o in free for t in o.token_ids]
+    forced_id = free[0].top_token_ids[0][5]  # the 6th likeliest first token
+    forced = _stream(engine, "forced", prompt, dataclasses.replace(greedy, logit_bias={forced_id: 100.0}))
+    assert [t for o in forced for t in o.token_ids] == [forced_id] * 5
+    # raw: the bias is not in them (approx: this prompt's blocks now come from the prefix cache)
+    assert forced[0].logprobs == pytest.approx([free[0].top_logprobs[0][5]], abs=1e-5)
+    assert forced[0].top_token_ids == free[0].top_token_ids
+    banned = _stream(engine, "banned", prompt, dataclasses.replace(greedy, logit_bias={ids[0]: -100.0}))
+    got = [t for o in banned for t in o.token_ids]
+    assert ids[0] not in got and got[0] == free[0].top_token_ids[0][1]  # the runner-up instead
+    with pytest.raises(RequestError, match=r"logit_bias token ids must be in \[0, "):
+        engine.add_request("x", prompt, SamplingParams(logit_bias={engine.vocab_size: 1.0}))
+
+
+# -- n > 1: several choices of one prompt ---------------------------------------------------------------
+def run_choices(engine: LLMEngine, reqs) -> dict[tuple[str, int], list[int]]:
+    """Like run(), for requests with several choices: tokens by (request id, choice)."""
+    pending = sorted(reqs, key=lambda r: r[3])
+    tokens: dict[tuple[str, int], list[int]] = {}
+    finished: set[tuple[str, int]] = set()
+    step = 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][3] <= step:
+            rid, prompt, params, _ = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+        for out in engine.step():
+            key = (out.request_id, out.index)
+            assert key not in finished, out  # nothing after a choice's finished update
+            tokens.setdefault(key, []).extend(out.token_ids)
+            if out.finished:
+                finished.add(key)
+        step += 1
+        assert step < 10_000
+    assert finished == set(tokens) == {(rid, i) for rid, _, p, _ in reqs for i in range(p.n)}
+    return tokens
+
+
+CHOICES = SamplingParams(n=3, seed=2024, max_tokens=10, temperature=0.9, top_p=0.95, ignore_eos=True)
+
+
+def test_each_choice_equals_the_request_with_seed_plus_i_alone_or_in_a_busy_batch(tiny_ckpt, reqs):
+    rid, prompt = reqs[0][0], reqs[0][1]
+    assert len(prompt.token_ids) > 32  # full blocks to share, and a partial one to compute
+    # the oracle: three separate n = 1 requests, each in an engine of its own, seeds s, s + 1, s + 2
+    separate = [dataclasses.replace(CHOICES, n=1, seed=2024 + i) for i in range(3)]
+    alone = [run(make_engine(tiny_ckpt), [("one", prompt, p, 0)])["one"] for p in separate]
+    assert len({tuple(a) for a in alone}) == 3  # really three different answers
+    together = run_choices(make_engine(tiny_ckpt), [(rid, prompt, CHOICES, 0)])
+    assert [together[rid, i] for i in range(3)] == alone
+    uncached = run_choices(make_engine(tiny_ckpt, enable_prefix_caching=False), [(rid, prompt, CHOICES, 0)])
+    assert [uncached[rid, i] for i in range(3)] == alone  # each choice computes the whole prompt
+    noise = [
+        (r[0], r[1], SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True, n=1 + i % 2), r[3])
+        for i, r in enumerate(reqs[:10])
+        if r[0] != rid
+    ]
+    engine = make_engine(tiny_ckpt, num_kv_blocks=60, max_num_batched_tokens=64, max_num_seqs=6)
+    busy = run_choices(engine, [*noise, (rid, prompt, CHOICES, 2)])
+    assert [busy[rid, i] for i in range(3)] == alone
+    assert engine.block_manager.num_free_blocks == 60
+    engine.block_manager.check_invariants([])
+
+
+def test_choices_share_the_prompts_full_blocks(tiny_ckpt, reqs):
+    engine = make_engine(tiny_ckpt)
+    prompt = reqs[0][1]
+    bs, full = 16, (len(prompt.token_ids) - 1) // 16
+    engine.add_request("n3", prompt, CHOICES)
+    seqs = engine.requests["n3"]
+    engine.step()  # choice 0's prefill (one chunk); the others wait for its blocks
+    assert [s.status.value for s in seqs] == ["running", "waiting", "waiting"]
+    assert not engine.scheduler.waiting  # held back, not queued
+    hits = engine.block_manager.prefix_hits
+    engine.step()
+    assert all(s.status.value == "running" for s in seqs)
+    tables = [s.block_table[:full] for s in seqs]
+    assert tables[0] == tables[1] == tables[2] and len(tables[0]) == full
+    assert all(engine.block_manager.ref_counts[b] == 3 for b in tables[0])
+    assert len({s.block_table[full] for s in seqs}) == 3  # each computes its own last block
+    assert [s.num_cached_tokens for s in seqs] == [0, full * bs, full * bs]
+    assert engine.block_manager.prefix_hits - hits == 2 * full * bs
+    engine.block_manager.check_invariants(seqs)
+    outs = engine.abort("n3")
+    assert sorted(o.index for o in outs) == [0, 1, 2]
+    assert all(o.finished and o.finish_reason == "abort" for o in outs)
+    assert not engine.has_unfinished() and engine.abort("n3") == []
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.check_invariants([])
+
+
+def test_aborting_a_request_whose_choices_wait_frees_everything(tiny_ckpt, reqs):
+    engine = make_engine(tiny_ckpt, max_num_batched_tokens=16, max_num_seqs=8)  # chunked: choices wait
+    engine.add_request("n3", reqs[0][1], CHOICES)
+    engine.add_request("other", reqs[6][1], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    engine.step()
+    assert "n3" in engine.held_choices and engine.block_manager.num_used_blocks > 0
+    outs = engine.abort("n3")
+    assert sorted(o.index for o in outs) == [0, 1, 2] and all(o.finish_reason == "abort" for o in outs)
+    assert not engine.held_choices
+    while engine.has_unfinished():
+        assert all(o.request_id == "other" for o in engine.step())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.check_invariants([])

@@ -8,6 +8,7 @@ ensemble from unloading; see test_triton_rejections.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import time
@@ -166,7 +167,23 @@ def steps(draw) -> list:
         returns=draw(st.integers(-1, 16)),
         ack=(-1, draw(st.integers(-2, 5000)), draw(st.integers(0, 2**40))),  # no board: nobody's
         heartbeat=draw(st.booleans()),
-    ).to_array()
+        sequence_index=draw(st.integers(-3, 20)),
+        cum_log_prob=draw(st.floats()),
+    )
+    k = draw(st.integers(0, 3))
+    if k:  # top log-probs: a row per log-prob
+        rows = (step.log_probs.size, k)
+        step = dataclasses.replace(
+            step,
+            top_log_probs=np.array(
+                draw(st.lists(st.floats(width=32), min_size=rows[0] * k, max_size=rows[0] * k)),
+                dtype=np.float32,
+            ).reshape(rows),
+            top_log_prob_ids=np.array(
+                draw(st.lists(int32s, min_size=rows[0] * k, max_size=rows[0] * k)), dtype=np.int32
+            ).reshape(rows),
+        )
+    step = step.to_array()
     kind = draw(st.sampled_from(["valid", "cut", "bytes"]))
     if kind == "cut":
         step = step[:, : draw(st.integers(0, step.shape[1]))]
@@ -223,6 +240,12 @@ def ensemble_fields(draw) -> dict:
         "return_log_probs": st.booleans(),
         "return_num_input_tokens": st.booleans(),
         "return_num_output_tokens": st.booleans(),
+        "top_log_probs": _sometimes_odd(st.integers(0, 5), int32s),
+        "num_return_sequences": _sometimes_odd(st.integers(1, 3), int32s),
+        "logit_bias": _sometimes_odd(
+            st.dictionaries(st.integers(0, 5000).map(str), between(-100, 100), max_size=3).map(json.dumps),
+            json_values.map(json.dumps) | texts,
+        ),
     }
     for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=5, unique=True)):
         fields[name] = draw(optional[name])

@@ -258,9 +258,10 @@ def test_compose_mounts_and_the_dashboard_datasource_exist():
 
     walk(dashboard["panels"])
     assert uids == {datasource["uid"]}, (uids, datasource["uid"])
-    # and the scrape target is the server's network alias in compose
-    [job] = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]
-    [target] = job["static_configs"][0]["targets"]
-    host = target.rsplit(":", 1)[0]
+    # and every scrape target (Triton's metrics port, the OpenAI API's port) is the server's network
+    # alias in compose
     servers = [s for s in compose["services"].values() if "build" in s]
-    assert servers and all(host in s["networks"]["default"]["aliases"] for s in servers), target
+    for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]:
+        [target] = job["static_configs"][0]["targets"]
+        host = target.rsplit(":", 1)[0]
+        assert servers and all(host in s["networks"]["default"]["aliases"] for s in servers), target

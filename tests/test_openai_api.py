@@ -5,48 +5,31 @@ are OpenAI's, and a client that leaves mid-stream frees the engine."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
+import itertools
 import json
-import subprocess
-import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-from conftest import free_ports, scrape_metrics, wait_ok
+from conftest import free_ports, scrape_metrics
+from openai_server import MODEL
+from openai_server import serve as _serve
 
 from client.llm import GrpcClient
+from maverick.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 
-MODEL = "maverick-tiny"
-
-
-@contextlib.contextmanager
-def _serve(triton_url: str, log: Path, ready: str = "/health"):
-    """python -m openai_api on a free port (its base URL), up once `ready` answers 200."""
-    (port,) = free_ports(1)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "openai_api", "--triton-url", triton_url, "--port", str(port),
-             "--host", "127.0.0.1", "--served-model-name", MODEL, "--log-level", "warning"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        assert wait_ok(f"http://127.0.0.1:{port}{ready}", 30, proc), log.read_text()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
 
 @pytest.fixture(scope="module")
-def api(triton, tmp_path_factory):
-    """The OpenAI server as its own process, pointed at the session's Triton: its base URL."""
-    with _serve(triton.grpc_url, tmp_path_factory.mktemp("openai_api") / "server.log") as url:
+def api(triton, tiny_ckpt, tmp_path_factory):
+    """The OpenAI server as its own process, pointed at the session's Triton (with its checkpoint's
+    tokenizer, for logprobs): its base URL."""
+    log = tmp_path_factory.mktemp("openai_api") / "server.log"
+    with _serve(triton.grpc_url, log, args=("--tokenizer", str(tiny_ckpt))) as url:
         yield url
 
 
@@ -153,10 +136,21 @@ def test_refusals_are_openai_errors(api, oai):
     with pytest.raises(openai.NotFoundError) as e:
         oai.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=4)
     assert e.value.body["code"] == "model_not_found"
-    for extra in ({"n": 2}, {"logprobs": True}, {"logit_bias": {"1": 5}}):
+    refused = [
+        ({"n": 17}, "'n' must be an integer from 1 to 16, got 17"),
+        ({"top_logprobs": 2}, "'top_logprobs' needs 'logprobs': true"),
+        ({"logprobs": True, "top_logprobs": 21}, "'top_logprobs' must be an integer from 0 to 20, got 21"),
+        ({"logit_bias": [1, 5]}, "'logit_bias' must be an object mapping token ids to biases"),
+    ]
+    for extra, message in refused:
         with pytest.raises(openai.BadRequestError) as e:
             oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, **extra)
-        assert "unsupported yet" in e.value.body["message"] and e.value.body["param"] == next(iter(extra))
+        assert e.value.body["message"] == message and e.value.body["param"] == list(extra)[-1]
+    for bias, message in (({"1": 500}, "logit_bias[1] must be a number in [-100, 100], got 500"),
+                          ({"x": 1}, "logit_bias keys must be token ids")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError) as e:  # the ensemble's
+            oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, logit_bias=bias)
+        assert message in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:  # the ensemble's INVALID_ARG, passed on
         oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, top_p=1.5)
     assert "top_p" in e.value.body["message"]
@@ -218,3 +212,120 @@ def test_triton_down_is_503(tmp_path):
         with pytest.raises(openai.APIStatusError) as e:
             client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
         assert e.value.status_code == 503 and e.value.body["type"] == "service_unavailable"
+        with pytest.raises(openai.BadRequestError) as e:  # started without --tokenizer: refused first
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, logprobs=True)
+        assert "--tokenizer" in e.value.body["message"] and e.value.body["param"] == "logprobs"
+
+
+def test_logprobs_are_the_ensembles(triton, tiny_ckpt, oai):
+    """logprobs.content: one entry per token, its log-prob and top_logprobs the ensemble's own,
+    its bytes the answer's bytes; streamed chunks carry the same entries in order."""
+    want = _direct(
+        triton, messages=CHAT, max_tokens=8, temperature=0.0, return_log_probs=True, top_log_probs=3
+    )
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    got = oai.chat.completions.create(**kw)
+    content = got.choices[0].logprobs.content
+    # approx: a prompt computed once and then served from the prefix cache sums in another order
+    assert [e.logprob for e in content] == pytest.approx(want.log_probs, abs=1e-4) and len(content) == 8
+    tops = [t.logprob for e in content for t in e.top_logprobs]
+    assert tops == pytest.approx([lp for row in want.top_log_probs for lp in row], abs=1e-4)
+    assert [len(e.top_logprobs) for e in content] == [3] * 8
+    # the answer's text is its tokens' bytes, decoded run by run between special tokens (whose
+    # entries carry their names: the tiny model's gibberish has some), as the engine decodes
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    specials = [tok.is_special(t) for t in want.token_ids]
+    runs = itertools.groupby(zip(content, specials, strict=True), key=lambda pair: pair[1])
+    text = "".join(
+        b"".join(bytes(e.bytes) for e, _ in run).decode(errors="replace")
+        for special, run in runs
+        if not special
+    )
+    assert text == got.choices[0].message.content == want.text
+    names = [tok.decode([t]) for t, special in zip(want.token_ids, specials, strict=True) if special]
+    assert [e.token for e, special in zip(content, specials, strict=True) if special] == names
+    for e in content:  # greedy: the chosen token is the likeliest
+        assert (e.top_logprobs[0].token, e.top_logprobs[0].bytes, e.top_logprobs[0].logprob) == (
+            e.token,
+            e.bytes,
+            e.logprob,
+        )
+        assert e.token == bytes(e.bytes).decode(errors="replace")
+    chunks = list(oai.chat.completions.create(stream=True, **kw))
+    streamed = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in content
+    ]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    plain = oai.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True
+    )
+    assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[]] * 8
+    assert oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2).choices[0].logprobs is None
+
+
+def test_logit_bias_reaches_the_engine(triton, oai):
+    first = _direct(
+        triton, messages=CHAT, max_tokens=1, temperature=0.0, return_log_probs=True, top_log_probs=5
+    )
+    forced = first.top_log_prob_ids[0][4]  # the 5th likeliest first token, made the argmax
+    want = _direct(triton, messages=CHAT, max_tokens=4, temperature=0.0, logit_bias={forced: 100})
+    assert want.token_ids == [forced] * 4
+    got = oai.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=4, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert got.choices[0].message.content == want.text
+
+
+N3 = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+
+
+def _busy(api: str, stop: threading.Event) -> threading.Thread:
+    """Other requests, one after another, until `stop`."""
+
+    def run():
+        client = openai.OpenAI(base_url=f"{api}/v1", api_key="none", max_retries=0, timeout=60)
+        while not stop.is_set():
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Go on."}], max_tokens=12, temperature=1.0
+            )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_n_choices_with_a_seed_are_reproducible_alone_or_while_others_run(api, oai):
+    """Choice i of n=3 with seed s is the n=1 answer with seed s + i; usage counts the prompt once and
+    every choice's tokens; streamed, each choice has its own chunks and finish_reason."""
+    alone = [oai.chat.completions.create(**{**N3, "seed": 5 + i}) for i in range(3)]
+    want = [a.choices[0].message.content for a in alone]
+    assert len(set(want)) == 3
+    got = oai.chat.completions.create(n=3, **N3)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.message.content for c in got.choices] == want
+    assert all(c.finish_reason == "length" for c in got.choices)
+    assert got.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert got.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone) == 24
+
+    stop = threading.Event()
+    others = [_busy(api, stop) for _ in range(3)]
+    try:
+        busy = oai.chat.completions.create(n=3, **N3)
+        chunks = list(
+            oai.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **N3)
+        )
+    finally:
+        stop.set()
+        for t in others:
+            t.join()
+    assert [c.message.content for c in busy.choices] == want
+    *choice_chunks, usage = chunks
+    assert usage.choices == [] and usage.usage.completion_tokens == 24
+    for i in range(3):
+        mine = [c.choices[0] for c in choice_chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == want[i]
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + ["length"]

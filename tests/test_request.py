@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from maverick.serving.request import InvalidRequest, from_tensors, numpy_inputs, parse_request, to_tensors
-from maverick.serving.step_output import RETURN_LOG_PROBS, RETURN_NUM_INPUT_TOKENS, RETURN_NUM_OUTPUT_TOKENS
+from maverick.serving.step_output import (
+    RETURN_LOG_PROBS,
+    RETURN_NUM_INPUT_TOKENS,
+    RETURN_NUM_OUTPUT_TOKENS,
+    RETURN_SEQUENCE_INDEX,
+)
 from maverick.tokenizer import Tokenizer
 
 
@@ -162,3 +167,46 @@ def test_a_raw_prompt_is_the_callers_format(tokenizer):
     frontend sends a chat it templated itself)."""
     req = parse_request(numpy_inputs({"text_input": INJECTION}), tokenizer)
     assert req.prompt.token_ids == tokenizer.encode(INJECTION, add_bos=True)
+
+
+def test_log_probs_choices_and_logit_bias_reach_the_step(tokenizer):
+    fields = {
+        "text_input": "hi", "max_tokens": 3, "return_log_probs": True, "top_log_probs": 4,
+        "num_return_sequences": 3, "seed": 5, "logit_bias": '{"17": 2.5, "3": -100}',
+    }  # fmt: skip
+    req = parse_request(numpy_inputs(fields), tokenizer)
+    assert (req.params.logprobs, req.params.top_logprobs, req.params.n) == (True, 4, 3)
+    assert req.params.logit_bias == ((3, -100.0), (17, 2.5))
+    assert req.returns == RETURN_LOG_PROBS | RETURN_SEQUENCE_INDEX
+    back = from_tensors(to_tensors(req))
+    assert back.params == req.params and back.returns == req.returns
+    one = parse_request(numpy_inputs({**fields, "num_return_sequences": 1}), tokenizer)
+    assert one.returns == RETURN_LOG_PROBS  # sequence_index only where there are several choices
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"top_log_probs": 2}, "top_log_probs needs return_log_probs=true"),
+        (
+            {"return_log_probs": True, "top_log_probs": 21},
+            "top_log_probs must be an integer in [0, 20], got 21",
+        ),
+        ({"num_return_sequences": 0}, "num_return_sequences must be an integer in [1, 16], got 0"),
+        ({"num_return_sequences": 17}, "num_return_sequences must be an integer in [1, 16], got 17"),
+        ({"logit_bias": "[1, 2]"}, "logit_bias must be a JSON object {\"token id\": bias}, got '[1, 2]'"),
+        ({"logit_bias": "{"}, 'logit_bias must be a JSON object {"token id": bias}'),
+        ({"logit_bias": '{"a": 1}'}, "logit_bias keys must be token ids (decimal integers >= 0), got 'a'"),
+        ({"logit_bias": '{"-1": 1}'}, "logit_bias keys must be token ids (decimal integers >= 0), got '-1'"),
+        ({"logit_bias": '{"1": 101}'}, "logit_bias[1] must be a number in [-100, 100], got 101"),
+        ({"logit_bias": '{"1": "x"}'}, "logit_bias[1] must be a number in [-100, 100], got 'x'"),
+        (
+            {"logit_bias": json.dumps({str(i): 1 for i in range(301)})},
+            "logit_bias has 301 entries; at most 300",
+        ),
+    ],
+)
+def test_log_probs_choices_and_logit_bias_are_checked(tokenizer, fields, message):
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(numpy_inputs({"text_input": "hi", "max_tokens": 3, **fields}), tokenizer)
+    assert str(err.value) == message

@@ -351,3 +351,65 @@ def test_bad_words_mask_only_the_completing_token():
     )
     logits = apply_bad_words(torch.zeros(1, 8), [state])
     assert logits[0].isinf().nonzero().flatten().tolist() == [5, 6]  # 7 is allowed: its prefix 2 is not there
+
+
+def test_top_logprobs_are_the_raw_distributions_top_k():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 40) * 3
+    states = [
+        state(vocab=40, temperature=0.0, logprobs=True, top_logprobs=5, frequency_penalty=2.0, output=[3]),
+        state(vocab=40, logprobs=True),  # log-probs without a top
+        state(vocab=40, temperature=0.7, seed=2, logprobs=True, top_logprobs=20, logit_bias={7: 50.0}),
+        state(vocab=40, top_k=3, logprobs=True, top_logprobs=1, repetition_penalty=2.0, prompt=[1, 2]),
+    ]
+    out = sample(logits, states)
+    oracle = torch.log_softmax(logits, dim=-1)  # the unmodified rows, whatever the row's sampling
+    for i, k in ((0, 5), (2, 20), (3, 1)):
+        values, ids = oracle[i].topk(k)
+        assert out.top_token_ids[i] == ids.tolist()
+        assert out.top_logprobs[i] == values.tolist()
+    assert out.top_token_ids[1] is None and out.top_logprobs[1] is None
+    assert out.logprobs[1] == oracle[1, out.token_ids[1]].item()
+
+
+def test_equal_top_logprobs_come_lower_id_first():
+    logits = torch.tensor([[0.0, 1.0, 0.5, 1.0, 1.0, 1.0]])
+    out = sample(logits, [state(vocab=6, temperature=0.0, logprobs=True, top_logprobs=3)])
+    assert out.top_token_ids == [[1, 3, 4]]
+    assert out.top_logprobs[0] == [torch.log_softmax(logits[0], dim=-1)[1].item()] * 3
+
+
+# -- logit_bias ------------------------------------------------------------------------------------
+def test_logit_bias_is_added_to_the_logits():
+    from maverick.engine.sampler import apply_logit_bias
+
+    states = [
+        state(vocab=8, logit_bias={1: 2.5, 6: -100}),
+        state(vocab=8),
+        state(vocab=8, logit_bias=[(0, 1)]),
+    ]
+    got = apply_logit_bias(torch.ones(3, 8), states)
+    want = torch.ones(3, 8)
+    want[0, 1], want[0, 6], want[2, 0] = 3.5, -99.0, 2.0
+    assert torch.equal(got, want)
+
+
+def test_logit_bias_forces_and_bans_tokens_but_not_the_logprobs():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 30)
+    best, worst = logits[0].argmax().item(), logits[0].argmin().item()
+    raw = torch.log_softmax(logits[0], dim=-1)
+    forced = sample(logits, [state(vocab=30, temperature=0.0, logprobs=True, logit_bias={worst: 100})])
+    assert forced.token_ids == [worst] and forced.logprobs == [raw[worst].item()]
+    banned = sample(logits, [state(vocab=30, temperature=0.0, logit_bias={best: -100})])
+    assert banned.token_ids == [logits[0].topk(2).indices[1].item()]
+    # sampled rows: a banned token is never drawn, even where it is by far the likeliest
+    peaked = torch.zeros(1, 30)
+    peaked[0, 4] = 20.0
+    assert 4 in support(peaked, n=500)
+    assert 4 not in support(peaked, n=3000, logit_bias={4: -100})
+
+
+def test_logit_bias_token_ids_must_be_in_the_vocabulary():
+    with pytest.raises(SamplingParamsError, match=r"logit_bias token ids must be in \[0, 8\) .*\[8\]"):
+        state(vocab=8, logit_bias={8: 1.0})

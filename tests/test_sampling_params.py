@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -115,6 +116,18 @@ INVALID = [
     ({"ignore_eos": "yes"}, "true or false"),
     ({"include_stop_str_in_output": None}, "true or false"),
     ({"logprobs": 1}, "true or false"),
+    ({"logprobs": True, "top_logprobs": 21}, "[0, 20]"),
+    ({"logprobs": True, "top_logprobs": -1}, "[0, 20]"),
+    ({"logprobs": True, "top_logprobs": 2.0}, "[0, 20]"),
+    ({"logprobs": True, "top_logprobs": True}, "[0, 20]"),
+    ({"top_logprobs": 3}, "0 unless logprobs is true"),
+    ({"n": 0}, "[1, 16]"),
+    ({"n": 17}, "[1, 16]"),
+    ({"n": 2.0}, "[1, 16]"),
+    ({"n": None}, "[1, 16]"),
+    ({"n": 3, "seed": 2**64 - 2}, f"[0, {2**64 - 3}] or null (choice i of n=3 draws from seed + i)"),
+    ({"logit_bias": 5}, "a map of token ids to biases, or (token id, bias) pairs"),
+    ({"logit_bias": [(1, 2, 3)]}, "a map of token ids to biases, or (token id, bias) pairs"),
 ]
 
 
@@ -155,3 +168,45 @@ def test_bad_words_ids():
     p.check_vocab(7)
     with pytest.raises(SamplingParamsError, match=r"bad_words_ids must be in \[0, 6\)"):
         p.check_vocab(6)
+
+
+def test_top_logprobs_and_n():
+    assert (SamplingParams().top_logprobs, SamplingParams().n) == (0, 1)
+    assert SamplingParams(logprobs=True, top_logprobs=20).top_logprobs == 20
+    p = SamplingParams(n=np.int32(16), seed=2**64 - 16)
+    assert type(p.n) is int and p.n == 16
+    assert SamplingParams(**dataclasses.asdict(p)) == p
+
+
+def test_for_choice_is_one_sequence_drawing_from_seed_plus_i():
+    p = SamplingParams(n=3, seed=10, temperature=0.5, logprobs=True)
+    assert [p.for_choice(i) for i in range(3)] == [
+        SamplingParams(seed=10 + i, temperature=0.5, logprobs=True) for i in range(3)
+    ]
+    assert SamplingParams(n=2).for_choice(1) == SamplingParams()
+
+
+def test_logit_bias():
+    p = SamplingParams(logit_bias={7: 1, 2: -100.0, np.int64(5): np.float32(0.5)})
+    assert p.logit_bias == ((2, -100.0), (5, 0.5), (7, 1.0))  # sorted pairs: one value per content
+    assert all(type(t) is int and type(b) is float for t, b in p.logit_bias)
+    assert SamplingParams(logit_bias=[[7, 1], [2, -100], [5, 0.5]]) == p
+    assert SamplingParams(**json.loads(json.dumps(dataclasses.asdict(p)))) == p  # as the request JSON
+    SamplingParams(logit_bias={i: 100 for i in range(300)})
+    errors = [
+        ({i: 1 for i in range(301)}, "logit_bias has 301 entries; at most 300"),
+        ({-1: 1}, "logit_bias token ids must be integers >= 0, got -1"),
+        ({True: 1}, "logit_bias token ids must be integers >= 0, got True"),
+        ({"5": 1}, "logit_bias token ids must be integers >= 0, got '5'"),
+        ([(3, 1), (3, 2)], "logit_bias gives token 3 twice"),
+        ({3: 100.5}, "logit_bias[3] must be a number in [-100, 100], got 100.5"),
+        ({3: math.nan}, "logit_bias[3] must be a number in [-100, 100], got nan"),
+        ({3: "1"}, "logit_bias[3] must be a number in [-100, 100], got '1'"),
+    ]
+    for bias, message in errors:
+        with pytest.raises(SamplingParamsError) as err:
+            SamplingParams(logit_bias=bias)
+        assert str(err.value) == message
+    p.check_vocab(8)
+    with pytest.raises(SamplingParamsError, match=r"logit_bias token ids must be in \[0, 7\) .*got \[7\]"):
+        p.check_vocab(7)

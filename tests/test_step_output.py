@@ -76,3 +76,33 @@ def test_a_heartbeat_round_trips_without_output():
     assert beat.heartbeat and beat.abort_handle == b"handle" and beat.ack == (3, 1, 7)
     assert (beat.text, beat.finish_reason, beat.token_ids.size, beat.log_probs.size) == (b"", b"", 0, 0)
     assert not StepOutput(b"x", np.zeros(0, np.int32), b"", 1, np.zeros(0, np.float32), b"r").heartbeat
+
+
+def test_top_log_probs_sequence_index_and_cumulative_round_trip():
+    rng = np.random.default_rng(0)
+    top = -rng.random((3, 4), dtype=np.float32)
+    top_ids = rng.integers(0, 2**31 - 1, size=(3, 4), dtype=np.int32)
+    step = StepOutput(
+        b"abc", np.array([1, 2, 3], np.int32), b"", 9, np.array([-1, -2, -3], np.float32), b"h",
+        returns=RETURN_LOG_PROBS, sequence_index=15, cum_log_prob=-123.456789012345,
+        top_log_probs=top, top_log_prob_ids=top_ids,
+    )  # fmt: skip
+    back = StepOutput.from_array(step.to_array())
+    assert back.sequence_index == 15 and back.cum_log_prob == -123.456789012345  # a float64, exactly
+    assert back.top_log_probs.dtype == np.float32 and back.top_log_prob_ids.dtype == np.int32
+    assert np.array_equal(back.top_log_probs, top) and np.array_equal(back.top_log_prob_ids, top_ids)
+    # K survives an update without tokens ([0, K]), and is 0 when not asked
+    empty = StepOutput(
+        b"", np.zeros(0, np.int32), b"stop", 9, np.zeros(0, np.float32), b"h",
+        top_log_probs=np.zeros((0, 4), np.float32), top_log_prob_ids=np.zeros((0, 4), np.int32),
+    )  # fmt: skip
+    assert StepOutput.from_array(empty.to_array()).top_log_probs.shape == (0, 4)
+    plain = StepOutput.from_array(
+        StepOutput(b"", np.zeros(0, np.int32), b"", 1, np.zeros(0, np.float32), b"r").to_array()
+    )
+    assert plain.top_log_probs.shape == (0, 0) and plain.sequence_index == 0
+    with pytest.raises(MalformedStepOutput):  # K rows of a log-prob'd token cut off
+        StepOutput.from_array(step.to_array()[:, : -len(b"abch") - 4])
+    with pytest.raises(ValueError, match="must be"):  # a row per log-prob'd token, or none
+        StepOutput(b"", np.zeros(1, np.int32), b"", 1, np.zeros(1, np.float32), b"r",
+                   top_log_probs=top, top_log_prob_ids=top_ids).to_array()  # fmt: skip

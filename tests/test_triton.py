@@ -18,7 +18,7 @@ import pytest
 from conftest import scrape_metrics
 from PIL import Image
 
-from client.llm import GrpcClient, HttpClient, ServerError, request_fields
+from client.llm import GrpcClient, HttpClient, Result, ServerError, request_fields
 from maverick.engine.llm_engine import LLMEngine
 from maverick.serving.engine_args import engine_config
 from maverick.serving.model_dir import generation_defaults
@@ -61,17 +61,21 @@ def direct(tiny_ckpt):
     tokenizer = Tokenizer.from_dir(tiny_ckpt)
     defaults = generation_defaults(tiny_ckpt)
 
-    def run(**kwargs) -> tuple[str, list[int]]:
+    def outputs(**kwargs) -> list:
+        """Every engine output of the request, in order."""
         req = parse_request(numpy_inputs(request_fields(**kwargs)), tokenizer, defaults)
         req = fit_max_tokens(req, engine.max_model_len)
         engine.add_request("direct", req.prompt, req.params)
-        text, ids = "", []
+        outs = []
         while engine.has_unfinished():
-            for out in engine.step():
-                text += out.text
-                ids += out.token_ids
-        return text, ids
+            outs += engine.step()
+        return outs
 
+    def run(**kwargs) -> tuple[str, list[int]]:
+        outs = outputs(**kwargs)
+        return "".join(o.text for o in outs), [t for o in outs for t in o.token_ids]
+
+    run.outputs = outputs
     return run
 
 
@@ -347,6 +351,15 @@ def test_optional_outputs_are_sent_only_when_asked(triton):
         n = r["output_token_ids"].size
         assert int(r["num_output_tokens"].reshape(-1)[0]) == n and r["output_log_probs"].size == n
         assert (r["output_log_probs"] <= 0).all()
+        # log-probs bring their running sum; top log-probs and sequence_index only when asked
+        assert set(r) - {"finish_reason"} == {
+            "text_output", "output_token_ids", "num_input_tokens", "num_output_tokens",
+            "output_log_probs", "cum_log_probs",
+        }  # fmt: skip
+    top = _grpc_output_names(triton.grpc_url, {**asked, "top_log_probs": 2})
+    for r in top:
+        assert r["output_top_log_probs"].shape == r["output_top_log_prob_ids"].shape
+        assert r["output_top_log_probs"].shape == (1, r["output_token_ids"].size, 2)
 
     body = json.dumps({**base, "return_num_output_tokens": True}).encode()
     request = urllib.request.Request(
@@ -389,3 +402,86 @@ def test_the_stubs_run_below_the_engine_in_priority(triton):
     for stub in stubs:
         assert niceness(stub) == {min(MAX_NICE, base + SERVING_NICE)}
     assert niceness(engines[0]) == {base}
+
+
+def test_log_probs_through_the_ensemble_equal_the_engines(triton, direct):
+    """output_log_probs, output_top_log_probs / _ids and cum_log_probs are the engine's own;
+    streamed responses' rows concatenate to the non-streamed answer's, over gRPC and HTTP (whose
+    JSON flattens the [tokens, K] rows)."""
+    fields = dict(
+        text="Tell me a secret", max_tokens=7, temperature=0.9, seed=11, ignore_eos=True,
+        return_log_probs=True, top_log_probs=3,
+    )  # fmt: skip
+    outs = direct.outputs(**fields)
+    want_ids = [t for o in outs for t in o.token_ids]
+    want_lps = [lp for o in outs for lp in o.logprobs]
+    want_top = [row for o in outs for row in o.top_logprobs]
+    want_top_ids = [row for o in outs for row in o.top_token_ids]
+    want_cum = outs[-1].cumulative_logprob
+    assert len(want_ids) == 7 and all(len(row) == 3 for row in want_top_ids)
+
+    def gathered(chunks) -> Result:
+        result = Result()
+        for ch in chunks:
+            result.add(ch)
+        return result
+
+    with GrpcClient(triton.grpc_url) as c:
+        chunks = list(c.stream(**fields))
+        whole = list(c.stream(stream=False, **fields))
+    assert len(whole) == 1 and len(chunks) > 1
+    http = HttpClient(triton.http_url)
+    answers = [gathered(chunks), gathered(whole), gathered(http.stream(**fields)), http.generate(**fields)]
+    for got in answers:
+        # the served engine runs on other torch threads than this one: sums in another order
+        assert got.token_ids == want_ids and got.top_log_prob_ids == want_top_ids
+        assert got.log_probs == pytest.approx(want_lps, abs=1e-4)
+        assert np.ravel(got.top_log_probs).tolist() == pytest.approx(np.ravel(want_top).tolist(), abs=1e-4)
+        assert got.cum_log_prob == pytest.approx(want_cum, abs=1e-4)
+        # and every answer of the server is exactly the streamed one's rows, concatenated
+        assert (got.log_probs, got.top_log_probs, got.cum_log_prob) == (
+            answers[0].log_probs,
+            answers[0].top_log_probs,
+            answers[0].cum_log_prob,
+        )
+    # each streamed response's cumulative log-prob is the sum up to its last token
+    sums = np.cumsum([lp for o in outs for lp in o.logprobs])
+    ends = np.cumsum([len(ch.token_ids) for ch in chunks]) - 1
+    assert [ch.cum_log_prob for ch in chunks] == pytest.approx(sums[ends].tolist(), abs=1e-4)
+
+
+def test_several_choices_streamed_and_not(triton, direct):
+    """num_return_sequences=3: choice i is the request with seed + i (three separate engine runs
+    are the oracle); every response says its choice, each choice's last one its finish_reason;
+    not streamed, one response per choice. /generate cannot carry several responses: a clear error."""
+    fields = dict(text="Once upon a time", max_tokens=8, temperature=1.0, seed=21, ignore_eos=True)
+    want = [direct(**{**fields, "seed": 21 + i}) for i in range(3)]
+    assert len({tuple(ids) for _, ids in want}) == 3
+    n3 = {**fields, "num_return_sequences": 3, "return_num_output_tokens": True}
+
+    def by_choice(chunks) -> list[tuple[str, list[int]]]:
+        return [
+            ("".join(c.text for c in chunks if c.sequence_index == i),
+             [t for c in chunks if c.sequence_index == i for t in c.token_ids])
+            for i in range(3)
+        ]  # fmt: skip
+
+    with GrpcClient(triton.grpc_url) as c:
+        streamed = list(c.stream(**n3))
+        whole = list(c.stream(stream=False, **n3))
+    http_streamed = list(HttpClient(triton.http_url).stream(**n3))
+    for chunks in (streamed, whole, http_streamed):
+        assert by_choice(chunks) == want
+        assert sum(c.num_output_tokens for c in chunks) == 24
+        for i in range(3):
+            mine = [c.finish_reason for c in chunks if c.sequence_index == i]
+            assert mine == [None] * (len(mine) - 1) + ["length"]
+    assert sorted(c.sequence_index for c in whole) == [0, 1, 2]
+    wire = _grpc_output_names(triton.grpc_url, {**request_fields(**n3), "stream": True})
+    assert all(r["sequence_index"].shape == (1, 1) for r in wire)
+
+    with pytest.raises(ServerError, match="exactly 1 response"):
+        HttpClient(triton.http_url).generate(**n3)
+    idle = _wait_idle(triton)
+    assert idle["maverick_num_requests_running"] == 0 and idle["maverick_kv_cache_blocks_used"] == 0
+    assert HttpClient(triton.http_url).generate(text="still serving?", max_tokens=2).num_output_tokens == 2

@@ -58,18 +58,28 @@ class Prompt:
 
 @dataclass
 class RequestOutput:
-    """One streamed update of a request. `text` and `token_ids` are deltas since the last update."""
+    """One streamed update of one choice of a request. `text` and `token_ids` are deltas since the
+    choice's last update. A request with SamplingParams.n > 1 has n choices (`index` 0..n-1), each
+    with its own updates, interleaved, and its own finished one; the request ends with the last."""
 
     request_id: str
     token_ids: list[int]
     text: str
-    finished: bool
+    finished: bool  # this choice's last update
     finish_reason: str | None = None  # "stop", "length", "abort" or "error", once finished
+    index: int = 0  # the choice (sequence index), 0..n-1
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far
     num_cached_tokens: int = 0
+    # with SamplingParams.logprobs: the raw-distribution log-prob of each new token [n], and the sum
+    # over all of this sequence's tokens so far (None when not asked)
     logprobs: list[float] | None = None
+    cumulative_logprob: float | None = None
+    # with top_logprobs = K > 0: each new token's step's K most likely token ids and their log-probs
+    # [n][K], most likely first (same raw distribution)
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # monotonic time of each new token

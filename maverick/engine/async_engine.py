@@ -37,7 +37,7 @@ class AsyncEngine(StreamingEngine):
         self.engine = engine or LLMEngine(config)  # type: ignore[arg-type]
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._new: list[Sequence] = []
+        self._new: list[list[Sequence]] = []  # each request's sequences (one per choice)
         self._aborts: list[str] = []
         self._streams = OutputStreams()
         self._coalescer = Coalescer(self.engine.config.stream_interval)
@@ -54,14 +54,14 @@ class AsyncEngine(StreamingEngine):
     # -- public API: generate (StreamingEngine), abort, healthy, stats, shutdown ---------------------
     def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Stream:
         self._check_alive()
-        seq = self.engine.make_sequence(request_id, prompt, params)  # raises RequestError
-        stream = self._streams.open(request_id)  # raises RequestError on a duplicate id
+        seqs = self.engine.make_request(request_id, prompt, params)  # raises RequestError
+        stream = self._streams.open(request_id, params.n)  # raises RequestError on a duplicate id
         with self._lock:
             waiting = len(self._new) + int(self._stats["num_waiting"])
             if waiting >= self.engine.config.max_num_waiting:
                 self._streams.close(request_id)
                 raise overloaded(waiting)
-            self._new.append(seq)
+            self._new.append(seqs)
             self._wake.notify()
         return stream
 
@@ -102,12 +102,12 @@ class AsyncEngine(StreamingEngine):
                     new, self._new = self._new, []
                     aborts, self._aborts = self._aborts, []
                 items: list[tuple[str, RequestOutput | BaseException]] = []
-                for seq in new:
+                for seqs in new:
                     try:
-                        self.engine.add_sequence(seq)
+                        self.engine.add_sequences(seqs)
                     except RequestError as e:
-                        items.append((seq.request_id, e))
-                outputs = [out for rid in aborts if (out := self.engine.abort(rid)) is not None]
+                        items.append((seqs[0].request_id, e))
+                outputs = [out for rid in aborts for out in self.engine.abort(rid)]
                 if self.engine.has_unfinished():
                     outputs += self.engine.step()
                 items += [(out.request_id, out) for out in self._coalescer.push(outputs)]

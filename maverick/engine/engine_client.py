@@ -92,7 +92,7 @@ class EngineClient(StreamingEngine):
 
     # -- public API (AsyncEngine's): generate (StreamingEngine), abort, healthy, stats, shutdown --
     def _submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Stream:
-        stream = self._streams.open(request_id)  # raises EngineDeadError once the child is gone
+        stream = self._streams.open(request_id, params.n)  # raises EngineDeadError once the child is gone
         self._outbox.put(("add", request_id, prompt, params))
         return stream
 

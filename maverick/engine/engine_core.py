@@ -74,8 +74,7 @@ def run(conn: Connection, engine: LLMEngine) -> None:
                 except RequestError as e:
                     errors.append((request_id, "request", str(e)))
             elif kind == "abort":
-                if (out := engine.abort(message[1])) is not None:
-                    outputs.append(out)
+                outputs += engine.abort(message[1])
             elif kind == "shutdown":
                 return
             else:

@@ -26,9 +26,9 @@ from maverick.engine.errors import RequestError
 from maverick.engine.execution import resolve_modes
 from maverick.engine.model_runner import ModelRunner
 from maverick.engine.parallel import TensorParallelRanks, join_group, rank_device
-from maverick.engine.sampler import SamplingState, sample
+from maverick.engine.sampler import SamplerOutput, SamplingState, sample
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
-from maverick.engine.sequence import FinishReason, Sequence
+from maverick.engine.sequence import FinishReason, Sequence, SequenceStatus
 from maverick.engine.stop import StopStringMatcher
 from maverick.layers.parallel import SINGLE, TensorParallel
 from maverick.plan import check_fits, check_gpus, kv_cache_budget
@@ -60,8 +60,17 @@ def _check_fits_gpus(model_config: ModelConfig, config: EngineConfig, device: to
 
 
 @dataclass
+class _Logprobs:
+    """The log-probs of an output's new tokens (a request that asked for them)."""
+
+    logprobs: list[float] | None = None  # [n]
+    top_token_ids: list[list[int]] | None = None  # [n, top_logprobs]
+    top_logprobs: list[list[float]] | None = None  # [n, top_logprobs]
+
+
+@dataclass
 class _Stream:
-    """Text-side state of one request: detokenizer context and stop-string matcher."""
+    """Text-side state of one sequence (a request's choice): detokenizer context and stop-string matcher."""
 
     matcher: StopStringMatcher | None
     emitted_ids: int = 0  # output ids already turned into text
@@ -126,8 +135,11 @@ class LLMEngine:
         )
         self.vocab_size = mcfg.text.vocab_size
         self.eos_ids = frozenset(self.tokenizer.stop_ids) | frozenset(mcfg.text.eos_token_ids)
-        self.seqs: dict[str, Sequence] = {}
-        self.streams: dict[str, _Stream] = {}
+        # every unfinished request's choices (n > 1: SamplingParams.n), choice i at index i
+        self.requests: dict[str, list[Sequence]] = {}
+        # choices 1..n-1 of requests whose choice 0 has yet to compute the prompt (see _release_choices)
+        self.held_choices: dict[str, list[Sequence]] = {}
+        self.streams: dict[tuple[str, int], _Stream] = {}  # by (request id, choice)
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self._token_marks: deque[tuple[float, int]] = deque()  # (time, generated total) after recent steps
@@ -163,8 +175,9 @@ class LLMEngine:
         return cls(EngineConfig(model_dir=str(model_dir), **kwargs))
 
     # -- requests --------------------------------------------------------------------------------
-    def make_sequence(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Sequence:
-        """Validate a request and build its sequence. Thread-safe: touches no engine state."""
+    def make_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> list[Sequence]:
+        """Validate a request and build its sequences, one per choice (params.n; choice i samples
+        with params.for_choice(i): seed + i). Thread-safe: touches no engine state."""
         ids = prompt.token_ids
         if not ids:
             raise RequestError("the prompt is empty")
@@ -190,66 +203,105 @@ class LLMEngine:
                 raise RequestError(
                     f"image {i}: pixel values must be [tiles, 3, {vcfg.image_size}, {vcfg.image_size}]"
                 )
-        output_ids: list[int] = []  # shared by the sequence and its sampling state
         try:
-            state = SamplingState.create(
-                params,
-                ids,
-                eos_token_ids=self.eos_ids,
-                vocab_size=self.vocab_size,
-                device=self.device,
-                output_token_ids=output_ids,
-                bad_words_ids=[*params.bad_words_ids, *self._bad_words_ids(params.bad_words)],
-            )
-            return Sequence(
-                request_id=request_id,
-                prompt_token_ids=list(ids),
-                images=tuple(prompt.images),
-                params=params,
-                sampling=state,
-                patch_token_id=self.model.config.image_token_id,
-                tokens_per_tile=vcfg.tokens_per_tile,
-                output_token_ids=output_ids,
-            )
+            bad_words = [*params.bad_words_ids, *self._bad_words_ids(params.bad_words)]
+            arrival = time.monotonic()
+            return [
+                self._sequence(request_id, i, prompt, params.for_choice(i), bad_words, arrival)
+                for i in range(params.n)
+            ]
         except ValueError as e:
             raise RequestError(str(e)) from None
+
+    def _sequence(self, request_id, index, prompt, params, bad_words_ids, arrival) -> Sequence:
+        output_ids: list[int] = []  # shared by the sequence and its sampling state
+        state = SamplingState.create(
+            params,
+            prompt.token_ids,
+            eos_token_ids=self.eos_ids,
+            vocab_size=self.vocab_size,
+            device=self.device,
+            output_token_ids=output_ids,
+            bad_words_ids=bad_words_ids,
+        )
+        return Sequence(
+            request_id=request_id,
+            index=index,
+            prompt_token_ids=list(prompt.token_ids),
+            images=tuple(prompt.images),
+            params=params,
+            sampling=state,
+            patch_token_id=self.model.config.image_token_id,
+            tokens_per_tile=self.model.config.vision.tokens_per_tile,
+            arrival_time=arrival,
+            output_token_ids=output_ids,
+        )
 
     def _bad_words_ids(self, words: tuple[str, ...]) -> list[list[int]]:
         """Bad words given as text, tokenized here (bounded by SamplingParams' limits); the server's
         preprocessing sends them as bad_words_ids instead, so its requests cost the loop nothing."""
         return self.tokenizer.bad_words_ids(words)
 
-    def add_sequence(self, seq: Sequence) -> None:
-        if seq.request_id in self.seqs:
-            raise RequestError(f"request id {seq.request_id!r} is already running")
-        self.seqs[seq.request_id] = seq
-        matcher = (
-            StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output)
-            if seq.params.stop
-            else None
-        )
-        self.streams[seq.request_id] = _Stream(matcher)
-        self.scheduler.add(seq)
-        self.num_prompt_tokens += seq.num_prompt_tokens
+    def add_sequences(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences (make_request's). Choice 0 is scheduled now; the others
+        wait until it has computed the prompt, then start from its cached blocks."""
+        request_id = seqs[0].request_id
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            p = seq.params
+            matcher = StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None
+            self.streams[seq.key] = _Stream(matcher)
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:
+            self.held_choices[request_id] = seqs[1:]
+        self.num_prompt_tokens += seqs[0].num_prompt_tokens  # the prompt comes once
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
-        self.add_sequence(self.make_sequence(request_id, prompt, params))
+        self.add_sequences(self.make_request(request_id, prompt, params))
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Finish a request now and free its blocks. None if it is unknown or already finished."""
-        seq = self.seqs.get(request_id)
-        if seq is None:
-            return None
-        self.scheduler.finish(seq, FinishReason.ABORT)
-        return self._finish_output(seq, [], "")
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Finish every choice of a request now and free their blocks: one finished output per
+        choice still running (none if the request is unknown or already finished)."""
+        held = self.held_choices.pop(request_id, [])
+        outputs = []
+        for seq in self.requests.get(request_id, []):
+            if seq.is_finished:
+                continue
+            if any(seq is h for h in held):  # never queued: nothing to take back
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
+            else:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+            outputs.append(self._finish_output(seq, [], ""))
+        return outputs
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.requests)
+
+    def _release_choices(self) -> None:
+        """Queue the held choices of requests whose choice 0 has computed its prompt (or ended).
+
+        Why choices wait rather than fork: once choice 0's prompt is computed, its full blocks are
+        in the prefix cache (hash-chained, images included), so each sibling admitted now takes
+        every full prompt block by reference (BlockManager.computed_blocks: shared, ref-counted)
+        and computes only the rest, at least the prompt's last token, whose logits it samples its
+        own first token from. No K/V is copied and no block is written by two sequences: the
+        partial last block is each choice's own. With the prefix cache off, siblings compute the
+        whole prompt. They go to the front of the queue: their request was admitted already.
+        """
+        for request_id, held in list(self.held_choices.items()):
+            first = self.requests[request_id][0]
+            if first.is_finished or first.num_computed_tokens >= first.num_prompt_tokens:
+                del self.held_choices[request_id]
+                self.scheduler.add_first(held)
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self.rank_failure is not None:
             raise RuntimeError(self.rank_failure)
+        if self.held_choices:
+            self._release_choices()
         sched = self.scheduler.schedule()
         outputs = [self._finish_output(s, [], self._flush(s)) for s in sched.out_of_memory]
         if sched.is_empty:
@@ -272,13 +324,15 @@ class LLMEngine:
             return outputs
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(sample_seqs, sampled.token_ids, strict=True)):
-            outputs.append(self._append_token(seq, token, sampled.logprobs[i], now))
+            outputs.append(self._append_token(seq, token, sampled, i, now))
         self._token_marks.append((now, self.num_generated_tokens))
         while now - self._token_marks[0][0] > RATE_WINDOW_S:
             self._token_marks.popleft()
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None, now: float) -> RequestOutput:
+    def _append_token(
+        self, seq: Sequence, token: int, sampled: SamplerOutput, row: int, now: float
+    ) -> RequestOutput:
         seq.output_token_ids.append(token)
         seq.token_times.append(now)
         if seq.first_token_time is None:
@@ -291,7 +345,7 @@ class LLMEngine:
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         text = self._detokenize(seq, final=reason is not None)
-        stream = self.streams[seq.request_id]
+        stream = self.streams[seq.key]
         if stream.matcher is not None:
             text, stopped, _ = stream.matcher.feed(text)
             if stopped:
@@ -300,15 +354,21 @@ class LLMEngine:
                 text += stream.matcher.flush()
                 if stream.matcher.stopped:  # a stop string completed inside the held-back text
                     reason = FinishReason.STOP
-        logprobs = [logprob] if p.logprobs else None
+        lps = None
+        if p.logprobs:
+            seq.cumulative_logprob += sampled.logprobs[row]
+            lps = _Logprobs([sampled.logprobs[row]])
+            if p.top_logprobs:
+                lps.top_token_ids = [sampled.top_token_ids[row]]
+                lps.top_logprobs = [sampled.top_logprobs[row]]
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            return self._finish_output(seq, [token], text, logprobs)
-        return self._output(seq, [token], text, logprobs, finished=False)
+            return self._finish_output(seq, [token], text, lps)
+        return self._output(seq, [token], text, lps, finished=False)
 
     # -- text --------------------------------------------------------------------------------------
     def _detokenize(self, seq: Sequence, final: bool) -> str:
-        stream = self.streams[seq.request_id]
+        stream = self.streams[seq.key]
         out = seq.output_token_ids
         start = stream.emitted_ids
         window = out[max(0, start - MIN_CONTEXT_TOKENS) :]
@@ -317,7 +377,7 @@ class LLMEngine:
 
     def _flush(self, seq: Sequence) -> str:
         """Text still held back when a request ends without a new token."""
-        stream = self.streams.get(seq.request_id)
+        stream = self.streams.get(seq.key)
         if stream is None:
             return ""
         text = self._detokenize(seq, final=True)
@@ -327,10 +387,12 @@ class LLMEngine:
         return text
 
     # -- outputs -----------------------------------------------------------------------------------
-    def _output(self, seq, token_ids, text, logprobs=None, finished=False) -> RequestOutput:
+    def _output(self, seq, token_ids, text, lps: _Logprobs | None = None, finished=False) -> RequestOutput:
         new_times = seq.token_times[-len(token_ids) :] if token_ids else []
+        lps = lps or _Logprobs()
         return RequestOutput(
             request_id=seq.request_id,
+            index=seq.index,
             token_ids=token_ids,
             text=text,
             finished=finished,
@@ -339,16 +401,21 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
-            logprobs=logprobs,
+            logprobs=lps.logprobs,
+            cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs else None,
+            top_token_ids=lps.top_token_ids,
+            top_logprobs=lps.top_logprobs,
             arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time,
             token_times=new_times,
         )
 
-    def _finish_output(self, seq, token_ids, text, logprobs=None) -> RequestOutput:
-        self.seqs.pop(seq.request_id, None)
-        self.streams.pop(seq.request_id, None)
-        return self._output(seq, token_ids, text, logprobs, finished=True)
+    def _finish_output(self, seq, token_ids, text, lps: _Logprobs | None = None) -> RequestOutput:
+        self.streams.pop(seq.key, None)
+        choices = self.requests.get(seq.request_id, [])
+        if all(s.is_finished for s in choices):  # its last choice: the request is done
+            self.requests.pop(seq.request_id, None)
+        return self._output(seq, token_ids, text, lps, finished=True)
 
     # -- introspection -----------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

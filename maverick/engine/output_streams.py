@@ -26,6 +26,8 @@ Item = RequestOutput | BaseException  # an exception ends its stream with that e
 class Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    n: int = 1  # choices (SamplingParams.n): the stream ends with the finished update of each
+    undelivered: int = 1  # finished updates not yet delivered (deliver's count, under the lock)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Item]]) -> None:
@@ -35,8 +37,9 @@ def _put_all(batch: list[tuple[asyncio.Queue, Item]]) -> None:
 
 class StreamingEngine:
     """`generate` for an engine front-end: `_submit` registers the request (raising if it is
-    refused at once) and returns its stream; leaving the stream before its finished update (closing
-    it, being cancelled, an error) aborts the request, which frees its blocks."""
+    refused at once) and returns its stream; leaving the stream before the finished update of each
+    of its choices (closing it, being cancelled, an error) aborts the request, which frees its
+    blocks."""
 
     _streams: OutputStreams  # set by the subclass
 
@@ -50,13 +53,13 @@ class StreamingEngine:
         self, request_id: str, prompt: Prompt, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         stream = self._submit(request_id, prompt, params)
-        finished = False
+        unfinished = params.n
         try:
             async for item in self._streams.iterate(stream):
-                finished = item.finished
+                unfinished -= item.finished
                 yield item
         finally:
-            if not finished:
+            if unfinished:
                 self.abort(request_id)
 
 
@@ -66,10 +69,11 @@ class OutputStreams:
         self._streams: dict[str, Stream] = {}
         self._closed: BaseException | None = None  # set by fail_all: no stream opens any more
 
-    def open(self, request_id: str) -> Stream:
-        """Register a request on the running event loop (call from that loop). Raises the error
-        that closed the streams (the engine stopped), so a request never waits on a dead engine."""
-        stream = Stream(asyncio.get_running_loop(), asyncio.Queue())
+    def open(self, request_id: str, n: int = 1) -> Stream:
+        """Register a request of n choices on the running event loop (call from that loop). Raises
+        the error that closed the streams (the engine stopped), so a request never waits on a dead
+        engine."""
+        stream = Stream(asyncio.get_running_loop(), asyncio.Queue(), n, n)
         with self._lock:
             if self._closed is not None:
                 raise type(self._closed)(*self._closed.args)
@@ -86,21 +90,27 @@ class OutputStreams:
         return len(self._streams)
 
     async def iterate(self, stream: Stream) -> AsyncIterator[RequestOutput]:
-        """The stream's updates up to the finished one; an exception item is raised."""
-        held: Item | None = None  # taken from the queue, not yet handled
-        while True:
-            item, held = held if held is not None else await stream.queue.get(), None
-            if isinstance(item, BaseException):
-                raise item
-            while not item.finished and not stream.queue.empty():
-                later = stream.queue.get_nowait()
-                if isinstance(later, BaseException):
-                    held = later
+        """The stream's updates up to the finished one of each choice; an exception item is raised
+        (after the updates queued before it). Whatever queued meanwhile leaves merged, one update
+        per choice, in the order the choices first appear."""
+        unfinished = stream.n
+        while unfinished:
+            items = [await stream.queue.get()]
+            while not stream.queue.empty():
+                items.append(stream.queue.get_nowait())
+            merged: dict[int, RequestOutput] = {}
+            error = None
+            for item in items:
+                if isinstance(item, BaseException):
+                    error = item
                     break
-                item = merge(item, later)
-            yield item
-            if item.finished:
-                return
+                held = merged.get(item.index)
+                merged[item.index] = item if held is None else merge(held, item)
+            for out in merged.values():
+                unfinished -= out.finished
+                yield out
+            if error is not None:
+                raise error
 
     def deliver(self, items: list[tuple[str, Item]]) -> list[str]:
         """Hand a batch of updates to their callers (from any thread): one wake-up per event loop.
@@ -112,7 +122,9 @@ class OutputStreams:
                 stream = self._streams.get(request_id)
                 if stream is None:
                     continue
-                if isinstance(item, BaseException) or item.finished:
+                if not isinstance(item, BaseException) and item.finished:
+                    stream.undelivered -= 1
+                if isinstance(item, BaseException) or stream.undelivered == 0:
                     del self._streams[request_id]
                 by_loop.setdefault(stream.loop, []).append((stream.queue, item))
         orphans: list[str] = []

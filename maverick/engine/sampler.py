@@ -1,6 +1,7 @@
 """Batched sampling: one token for each row of fp32 logits [N, vocab], every row with its own parameters.
 
 Per row, in this order (vLLM / OpenAI semantics):
+  0. logit_bias: each (token, bias) pair's bias added to the token's logit;
   1. repetition_penalty over the tokens of prompt and output (CTRL / HF: a positive logit is divided
      by the penalty, a negative one multiplied); then presence_penalty (subtracted once per token
      present in the output) and frequency_penalty (subtracted once per occurrence in the output);
@@ -18,7 +19,8 @@ Ties: argmax takes the lowest token id; top_k keeps exactly k tokens, lower ids 
 probabilities (a stable sort).
 
 Logprobs are those of the model's raw distribution: log_softmax of the unmodified logits row at
-the chosen token (before penalties, temperature and filtering), as vLLM returns by default.
+the chosen token (before penalties, temperature and filtering), as vLLM returns by default; so are
+a row's `top_logprobs` most likely tokens (equal log-probs: lower ids first).
 
 `sample` does not append the chosen tokens to the states: the caller does (the state's
 `output_token_ids` is usually the sequence's own list).
@@ -94,6 +96,10 @@ class SamplingState:
 class SamplerOutput:
     token_ids: list[int]  # [N]: the chosen token of each row
     logprobs: list[float | None]  # [N]: raw-distribution log-prob of the chosen token; None if not asked
+    # [N]: each row's top_logprobs most likely token ids, most likely first, and their raw log-probs;
+    # None where the row asks for none
+    top_token_ids: list[list[int] | None] = field(default_factory=list)
+    top_logprobs: list[list[float] | None] = field(default_factory=list)
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
@@ -151,6 +157,23 @@ def apply_penalties(logits: torch.Tensor, states: Seq[SamplingState]) -> torch.T
     pres = _column([s.params.presence_penalty for s in sub], logits.dtype, device)
     x = x - freq * counts - pres * present.to(logits.dtype)
     logits[idx] = x
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, states: Seq[SamplingState]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's (token, bias) pairs added to its logits; in place on [N, V]."""
+    rows: list[int] = []
+    cols: list[int] = []
+    bias: list[float] = []
+    for i, s in enumerate(states):
+        for token, b in s.params.logit_bias:
+            rows.append(i)
+            cols.append(token)
+            bias.append(b)
+    if rows:
+        device = logits.device
+        values = torch.tensor(bias, dtype=logits.dtype, device=device)
+        logits.index_put_((_index(rows, device), _index(cols, device)), values, accumulate=True)
     return logits
 
 
@@ -262,9 +285,10 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState]) -> SamplerOutput:
         raise ValueError(f"logits must be [N, vocab] with N = {len(states)} (one row per state), got {shape}")
     n = len(states)
     if n == 0:
-        return SamplerOutput(token_ids=[], logprobs=[])
+        return SamplerOutput(token_ids=[], logprobs=[], top_token_ids=[], top_logprobs=[])
     device = logits.device
     work = logits.to(torch.float32, copy=True)  # [N, V]
+    apply_logit_bias(work, states)
     apply_penalties(work, states)
     apply_min_tokens(work, states)
     apply_bad_words(work, states)
@@ -284,6 +308,8 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState]) -> SamplerOutput:
             token_ids[r] = _sample_random(work[r], [states[i] for i in random])
 
     logprobs: list[float | None] = [None] * n
+    top_ids: list[list[int] | None] = [None] * n
+    top_lps: list[list[float] | None] = [None] * n
     want = [i for i, s in enumerate(states) if s.params.logprobs]
     if want:
         w = _index(want, device)
@@ -291,4 +317,15 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState]) -> SamplerOutput:
         chosen = raw.gather(-1, token_ids[w, None]).squeeze(-1)
         for i, lp in zip(want, chosen.tolist(), strict=True):
             logprobs[i] = lp
-    return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+        top = [j for j, i in enumerate(want) if states[i].params.top_logprobs]
+        if top:
+            # a stable sort, not topk: equal log-probs must come lower id first, which topk leaves open
+            rows = raw if len(top) == len(want) else raw[_index(top, device)]  # [K_rows, V]
+            k = max(states[want[j]].params.top_logprobs for j in top)
+            values, ids = rows.sort(dim=-1, descending=True, stable=True)
+            values, ids = values[:, :k].tolist(), ids[:, :k].tolist()  # [K_rows, k]
+            for r, j in enumerate(top):
+                i = want[j]
+                ki = states[i].params.top_logprobs
+                top_ids[i], top_lps[i] = ids[r][:ki], values[r][:ki]
+    return SamplerOutput(token_ids.tolist(), logprobs, top_ids, top_lps)

@@ -10,6 +10,7 @@ Semantics follow vLLM / the OpenAI API; the sampler (`sampler.py`) applies them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ MAX_BAD_WORDS = 64
 MAX_WORD_BYTES = 256
 MAX_SEED = 2**64  # exclusive: a seed is an unsigned 64-bit integer, as torch.Generator.manual_seed takes
 PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, as the OpenAI API
+MAX_TOP_LOGPROBS = 20  # as the OpenAI API
+MAX_N = 16  # choices per request
+MAX_LOGIT_BIAS = 300  # entries, as the OpenAI API
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 def _is_int(v: Any) -> bool:
@@ -87,9 +92,19 @@ class SamplingParams:
     # token sequences never generated, as a front-end tokenized bad_words (Tokenizer.bad_words_ids),
     # so that the engine loop does not tokenize
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    # (token id, bias) pairs, at most 300, each bias in [-100, 100], added to the token's logit
+    # before penalties and sampling (OpenAI's logit_bias; a dict {id: bias} is accepted). It changes
+    # which token is chosen, not the log-probs returned, which are of the raw distribution.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False  # the model's EOS tokens do not end the request
     include_stop_str_in_output: bool = False  # the matched stop string is part of the output text
     logprobs: bool = False  # return the log-probability of each chosen token
+    # with logprobs: also this many most likely tokens of each step with their log-probabilities
+    # (same raw distribution), in [0, 20]
+    top_logprobs: int = 0
+    # choices (sequences) to generate from the prompt, in [1, 16], each sampled on its own; with a
+    # seed s, choice i draws from seed s + i (so choice 0 is the n = 1 request with seed s)
+    n: int = 1
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -100,8 +115,11 @@ class SamplingParams:
         set_("top_p", _float("top_p", self.top_p, 0.0, 1.0, lo_open=True))
         set_("top_k", max(_int("top_k", self.top_k, -1, note=" (0 or -1 = off)"), 0))
         set_("min_p", _float("min_p", self.min_p, 0.0, 1.0))
+        set_("n", _int("n", self.n, 1, MAX_N))
         if self.seed is not None:
-            set_("seed", _int("seed", self.seed, 0, MAX_SEED - 1, note=" or null"))
+            # choice i of n draws from seed + i, which must be a seed too
+            note = " or null" if self.n == 1 else f" or null (choice i of n={self.n} draws from seed + i)"
+            set_("seed", _int("seed", self.seed, 0, MAX_SEED - self.n, note=note))
         rep = _float(
             "repetition_penalty", self.repetition_penalty, 0.0, None, lo_open=True, note=" (1 = off)"
         )
@@ -112,9 +130,13 @@ class SamplingParams:
         set_("stop_token_ids", self._stop_token_ids(self.stop_token_ids))
         set_("bad_words", self._strings("bad_words", self.bad_words, MAX_BAD_WORDS))
         set_("bad_words_ids", self._token_sequences("bad_words_ids", self.bad_words_ids))
+        set_("logit_bias", self._logit_bias(self.logit_bias))
         for name in ("ignore_eos", "include_stop_str_in_output", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "true or false")
+        set_("top_logprobs", _int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS))
+        if self.top_logprobs and not self.logprobs:
+            raise _fail("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
 
     @staticmethod
     def _stop_strings(stop: Any) -> tuple[str, ...]:
@@ -157,6 +179,25 @@ class SamplingParams:
         return tuple(tuple(int(t) for t in seq) for seq in seqs)
 
     @staticmethod
+    def _logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+        pairs = list(bias.items()) if isinstance(bias, dict) else bias
+        if not isinstance(pairs, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs
+        ):
+            raise _fail("logit_bias", bias, "a map of token ids to biases, or (token id, bias) pairs")
+        if len(pairs) > MAX_LOGIT_BIAS:
+            raise SamplingParamsError(f"logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS}")
+        out: dict[int, float] = {}
+        for token, value in pairs:
+            if not _is_int(token) or token < 0:
+                raise SamplingParamsError(f"logit_bias token ids must be integers >= 0, got {token!r}")
+            token = int(token)
+            if token in out:
+                raise SamplingParamsError(f"logit_bias gives token {token} twice")
+            out[token] = _float(f"logit_bias[{token}]", value, *LOGIT_BIAS_RANGE)
+        return tuple(sorted(out.items()))
+
+    @staticmethod
     def _stop_token_ids(ids: Any) -> tuple[int, ...]:
         if not isinstance(ids, (list, tuple)):
             raise _fail("stop_token_ids", ids, "a list of token ids (integers >= 0)")
@@ -164,6 +205,10 @@ class SamplingParams:
             if not _is_int(t) or t < 0:
                 raise _fail("stop_token_ids", ids, "a list of token ids (integers >= 0)")
         return tuple(int(t) for t in ids)
+
+    def for_choice(self, i: int) -> SamplingParams:
+        """The parameters of choice i of this request: one sequence, drawing from seed + i."""
+        return dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
 
     @property
     def is_greedy(self) -> bool:
@@ -179,3 +224,8 @@ class SamplingParams:
             )
         if any(t >= vocab_size for seq in self.bad_words_ids for t in seq):
             raise SamplingParamsError(f"bad_words_ids must be in [0, {vocab_size}) (the model's vocabulary)")
+        bad = [t for t, _ in self.logit_bias if t >= vocab_size]
+        if bad:
+            raise SamplingParamsError(
+                f"logit_bias token ids must be in [0, {vocab_size}) (the model's vocabulary), got {bad[:8]!r}"
+            )

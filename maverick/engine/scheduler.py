@@ -64,6 +64,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_first(self, seqs: list[Sequence]) -> None:
+        """Queue seqs, in order, ahead of every waiting one (the other choices of an admitted request)."""
+        self.waiting.extendleft(reversed(seqs))
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Take seq out of the queues, release its blocks, and mark it finished."""
         if seq.status is SequenceStatus.RUNNING:

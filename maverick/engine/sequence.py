@@ -45,6 +45,7 @@ class Sequence:
     sampling: SamplingState
     patch_token_id: int
     tokens_per_tile: int
+    index: int = 0  # which choice of its request (SamplingParams.n > 1), 0..n-1
     arrival_time: float = field(default_factory=time.monotonic)
 
     output_token_ids: list[int] = field(default_factory=list)
@@ -54,6 +55,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
+    cumulative_logprob: float = 0.0  # sum of the output tokens' raw log-probs (with params.logprobs)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, chained
     num_registered_blocks: int = 0  # leading full blocks already offered to the prefix cache
@@ -75,6 +77,11 @@ class Sequence:
                 f"prompt has {self.patch_rank[-1]} <|patch|> tokens but its {len(self.images)} image(s) "
                 f"make {self.image_row_start[-1]}"
             )
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(request id, choice): unique among the engine's sequences."""
+        return self.request_id, self.index
 
     # -- sizes ---------------------------------------------------------------------------------
     @property

@@ -19,18 +19,20 @@ from collections.abc import Callable
 from maverick.engine.api import RequestOutput
 
 
+def _join(a: list | None, b: list | None) -> list | None:
+    return None if a is None and b is None else (a or []) + (b or [])
+
+
 def merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """Two consecutive updates of one request as one: deltas joined, totals and state from `then`."""
-    logprobs = (
-        None
-        if first.logprobs is None and then.logprobs is None
-        else (first.logprobs or []) + (then.logprobs or [])
-    )
+    """Two consecutive updates of one request as one: deltas joined, totals and state (the
+    cumulative log-prob included) from `then`."""
     return dataclasses.replace(
         then,
         token_ids=first.token_ids + then.token_ids,
         text=first.text + then.text,
-        logprobs=logprobs,
+        logprobs=_join(first.logprobs, then.logprobs),
+        top_token_ids=_join(first.top_token_ids, then.top_token_ids),
+        top_logprobs=_join(first.top_logprobs, then.top_logprobs),
         first_token_time=first.first_token_time
         if first.first_token_time is not None
         else then.first_token_time,
@@ -43,24 +45,26 @@ def has_first_token(update: RequestOutput) -> bool:
 
 
 class HeldUpdates:
-    """Updates that have not left yet, merged per request."""
+    """Updates that have not left yet, merged per request and choice."""
 
     def __init__(self) -> None:
-        self._held: dict[str, RequestOutput] = {}
+        self._held: dict[tuple[str, int], RequestOutput] = {}
 
     def offer(self, out: RequestOutput, ready: Callable[[RequestOutput], bool]) -> RequestOutput | None:
-        """`out` merged after what its request holds; returned when it leaves (finished, its first
+        """`out` merged after what its choice holds; returned when it leaves (finished, its first
         token, or `ready(update)`), else held and None."""
-        held = self._held.pop(out.request_id, None)
+        key = (out.request_id, out.index)
+        held = self._held.pop(key, None)
         update = out if held is None else merge(held, out)
         if update.finished or has_first_token(update) or ready(update):
             return update
-        self._held[out.request_id] = update
+        self._held[key] = update
         return None
 
     def discard(self, request_id: str) -> None:
         """Forget a request that ended without a finished update (its stream failed)."""
-        self._held.pop(request_id, None)
+        for key in [k for k in self._held if k[0] == request_id]:
+            del self._held[key]
 
 
 class Coalescer(HeldUpdates):

@@ -30,7 +30,12 @@ from maverick.engine.errors import SamplingParamsError
 from maverick.engine.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS, MAX_WORD_BYTES
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
-from maverick.serving.step_output import RETURN_LOG_PROBS, RETURN_NUM_INPUT_TOKENS, RETURN_NUM_OUTPUT_TOKENS
+from maverick.serving.step_output import (
+    RETURN_LOG_PROBS,
+    RETURN_NUM_INPUT_TOKENS,
+    RETURN_NUM_OUTPUT_TOKENS,
+    RETURN_SEQUENCE_INDEX,
+)
 from maverick.tokenizer import Tokenizer
 
 MAX_TEXT_BYTES = 1 << 20  # 1 MiB of prompt text
@@ -51,6 +56,8 @@ _SCALARS = {
     "ignore_eos": "ignore_eos",
     "include_stop_str_in_output": "include_stop_str_in_output",
     "return_log_probs": "logprobs",
+    "top_log_probs": "top_logprobs",
+    "num_return_sequences": "n",
 }
 # TensorRT-LLM's older names, which some clients still send (genai-perf: min_length)
 _ALIASES = {"min_length": "min_tokens"}
@@ -63,10 +70,11 @@ _FLAGS = (
     "return_num_output_tokens",
 )
 KNOWN_INPUTS = frozenset(
-    {"text_input", "messages", "images", "system_prompt", "stop_words", "bad_words", "end_id"}
+    {"text_input", "messages", "images", "system_prompt", "stop_words", "bad_words", "end_id", "logit_bias"}
     | set(_SCALARS)
     | set(_ALIASES)
     | set(_FLAGS)
+    | {"tools"}  # OpenAI's function tools as JSON text, listed in the chat's system message
 )
 
 
@@ -101,6 +109,7 @@ class GenerateRequest:
             (RETURN_NUM_INPUT_TOKENS if self.options.return_num_input_tokens else 0)
             | (RETURN_NUM_OUTPUT_TOKENS if self.options.return_num_output_tokens else 0)
             | (RETURN_LOG_PROBS if self.params.logprobs else 0)
+            | (RETURN_SEQUENCE_INDEX if self.params.n > 1 else 0)
         )
 
 
@@ -195,6 +204,7 @@ def parse_request(
     text = _string(inputs, "text_input")
     messages_json = _string(inputs, "messages")
     system = _string(inputs, "system_prompt")
+    tools = _tools(inputs)
     raw_images = _values(inputs, "images")
     images = [] if raw_images is None else [_image_bytes(v, i) for i, v in enumerate(raw_images)]
     if len(images) > MAX_IMAGES:
@@ -202,7 +212,7 @@ def parse_request(
     flags = {name: _flag(inputs, name) for name in _FLAGS}
     params = _sampling(inputs, defaults or {}, tokenizer)  # first: its limits are cheap to check
     try:
-        chat = _Chat(bool(flags["apply_chat_template"]), bool(flags["allow_special_tokens"]))
+        chat = _Chat(bool(flags["apply_chat_template"]), bool(flags["allow_special_tokens"]), tools)
         prompt, echo = _prompt(tokenizer, text, messages_json, system, images, chat, max_model_len)
     except (ImageError, ValueError) as e:
         raise InvalidRequest(str(e)) from None
@@ -226,6 +236,19 @@ def fit_max_tokens(req: GenerateRequest, max_model_len: int) -> GenerateRequest:
     return dataclasses.replace(req, params=params)
 
 
+def _tools(inputs: dict[str, np.ndarray]) -> list | None:
+    """The tools input, JSON text, parsed; what it holds is checked with the chat (tool_prompt)."""
+    raw = _string(inputs, "tools")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(f"tools is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("tools is not valid JSON: nested too deeply") from None
+
+
 def _flag(inputs: dict[str, np.ndarray], name: str) -> bool | None:
     v = _scalar(inputs, name)
     if v is not None and not isinstance(v, bool):
@@ -237,6 +260,7 @@ def _flag(inputs: dict[str, np.ndarray], name: str) -> bool | None:
 class _Chat:
     template: bool  # apply_chat_template: text_input is a user turn
     allow_special_tokens: bool  # special-token text in messages becomes control tokens (trusted)
+    tools: list | None = None  # OpenAI's function tools (checked by the chat template)
 
 
 def _prompt(tokenizer, text, messages_json, system, images, chat: _Chat, max_model_len) -> tuple[Prompt, str]:
@@ -246,6 +270,7 @@ def _prompt(tokenizer, text, messages_json, system, images, chat: _Chat, max_mod
             messages,
             images,
             system=system,
+            tools=chat.tools,
             allow_special_tokens=chat.allow_special_tokens,
             max_model_len=max_model_len,
         )
@@ -267,6 +292,8 @@ def _prompt(tokenizer, text, messages_json, system, images, chat: _Chat, max_mod
         return chat_prompt([{"role": "user", "content": content}]), text
     if system is not None:
         raise InvalidRequest("system_prompt needs messages or apply_chat_template=true")
+    if chat.tools is not None:
+        raise InvalidRequest("tools needs messages or apply_chat_template=true")
     if images and text.count("<|image|>") != len(images):
         raise InvalidRequest(f"a raw prompt with {len(images)} images needs as many <|image|> placeholders")
     # A raw prompt is the caller's own format: its special-token text is parsed. It gets one BOS,
@@ -294,10 +321,38 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Toke
     if end_id is not None:  # TensorRT-LLM: end_id replaces the model's end tokens
         fields["stop_token_ids"] = (end_id,)
         fields["ignore_eos"] = True
+    if fields.get("top_logprobs") and not fields.get("logprobs"):
+        raise InvalidRequest("top_log_probs needs return_log_probs=true")
+    if (bias := _string(inputs, "logit_bias")) is not None:
+        fields["logit_bias"] = _logit_bias(bias)
     try:
         return SamplingParams(**fields)
     except SamplingParamsError as e:
-        raise InvalidRequest(str(e)) from None
+        # SamplingParams names its own fields: say the input's name where it differs
+        message, field_name = str(e), str(e).partition(" ")[0]
+        raise InvalidRequest(_INPUT_OF.get(field_name, field_name) + message[len(field_name) :]) from None
+
+
+_INPUT_OF = {field: name for name, field in _SCALARS.items() if field != name}
+
+
+def _logit_bias(text: str) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias as JSON text, {"token id": bias}, as (id, bias) pairs; the counts and
+    ranges are SamplingParams' to check."""
+    try:
+        bias = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise InvalidRequest('logit_bias must be a JSON object {"token id": bias}') from None
+    if not isinstance(bias, dict):
+        raise InvalidRequest(f'logit_bias must be a JSON object {{"token id": bias}}, got {text[:64]!r}')
+    pairs = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 18):
+            raise InvalidRequest(
+                f"logit_bias keys must be token ids (decimal integers >= 0), got {key[:64]!r}"
+            )
+        pairs.append((int(key), value))
+    return tuple(pairs)
 
 
 def numpy_inputs(fields: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -8,8 +8,10 @@ which makes the public tensors, unpacks it.
 Layout (little-endian): a header of HEADER int64 values — num_input_tokens, number of token ids,
 number of log-probs, bytes of text, of finish reason and of abort handle, the optional
 outputs the request asked for (`returns`, RETURN_* bits), the flow-control acknowledgement
-(board id, slot, value; see response_window.py), then 1 for a heartbeat — followed by the
-token ids (int32), the log-probs (float32), the text, the finish reason and the abort handle
+(board id, slot, value; see response_window.py), 1 for a heartbeat, the sequence index (the
+choice of an n > 1 request), K (top log-probs per token) and the cumulative log-prob (a float64's
+bits) — followed by the token ids (int32), the log-probs (float32), the top log-probs [m, K]
+(float32) and their token ids [m, K] (int32), the text, the finish reason and the abort handle
 (UTF-8). The sizes must add up to the tensor's exactly.
 
 A heartbeat carries no output: the step sends one while a request has been silent for a while, so
@@ -19,12 +21,12 @@ answers it with no response.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-HEADER = 11
-_I64, _I32, _F32 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
+HEADER = 14
+_I64, _I32, _F32, _F64 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4"), np.dtype("<f8")
 
 
 class MalformedStepOutput(ValueError):
@@ -34,7 +36,8 @@ class MalformedStepOutput(ValueError):
 # `returns` bits: the optional public outputs a request asked for (TensorRT-LLM's return_* inputs)
 RETURN_NUM_INPUT_TOKENS = 1
 RETURN_NUM_OUTPUT_TOKENS = 2
-RETURN_LOG_PROBS = 4
+RETURN_LOG_PROBS = 4  # output_log_probs and cum_log_probs
+RETURN_SEQUENCE_INDEX = 8  # an n > 1 request: sequence_index in each response
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class StepOutput:
     returns: int = 0  # RETURN_* bits
     ack: tuple[int, int, int] = (-1, -1, 0)  # (board id, slot, value), -1: not flow-controlled
     heartbeat: bool = False  # no output: only lets postprocessing check for a cancelled request
+    sequence_index: int = 0  # which choice of an n > 1 request this update belongs to
+    cum_log_prob: float = 0.0  # sum of the choice's log-probs so far (with RETURN_LOG_PROBS)
+    # [m, K]: each log-prob'd token's K most likely tokens' log-probs and ids (K = 0: not asked)
+    top_log_probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), _F32))
+    top_log_prob_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), _I32))
 
     @classmethod
     def beat(cls, abort_handle: bytes, ack: tuple[int, int, int]) -> StepOutput:
@@ -61,6 +69,13 @@ class StepOutput:
         """[1, N] uint8, the batch-1 tensor the step sends."""
         ids = np.ascontiguousarray(self.token_ids, dtype=_I32)
         lps = np.ascontiguousarray(self.log_probs, dtype=_F32)
+        top = np.ascontiguousarray(self.top_log_probs, dtype=_F32)
+        top_ids = np.ascontiguousarray(self.top_log_prob_ids, dtype=_I32)
+        k = top.shape[1] if top.ndim == 2 else 0
+        if k and (top.shape != (lps.size, k) or top_ids.shape != top.shape):
+            raise ValueError(
+                f"top log-probs {top.shape} and their ids {top_ids.shape} must be [{lps.size}, K]"
+            )
         header = np.array(
             [
                 self.num_input_tokens,
@@ -72,6 +87,9 @@ class StepOutput:
                 self.returns,
                 *self.ack,
                 int(self.heartbeat),
+                self.sequence_index,
+                k,
+                np.array(self.cum_log_prob, _F64).view(_I64),
             ],
             dtype=_I64,
         )
@@ -80,6 +98,8 @@ class StepOutput:
                 header.tobytes(),
                 ids.tobytes(),
                 lps.tobytes(),
+                top.tobytes() if k else b"",
+                top_ids.tobytes() if k else b"",
                 self.text,
                 self.finish_reason,
                 self.abort_handle,
@@ -93,10 +113,15 @@ class StepOutput:
         head_bytes = HEADER * _I64.itemsize
         if len(buf) < head_bytes:
             raise MalformedStepOutput(f"step output of {len(buf)} bytes, shorter than its header")
-        n_in, n_ids, n_lps, n_text, n_finish, n_id, returns, *ack, beat = (
-            int(v) for v in np.frombuffer(buf, _I64, HEADER)
+        head = np.frombuffer(buf, _I64, HEADER)
+        n_in, n_ids, n_lps, n_text, n_finish, n_id, returns, *ack, beat, index, k = (
+            int(v) for v in head[:-1]
         )
-        sizes = (n_ids * _I32.itemsize, n_lps * _F32.itemsize, n_text, n_finish, n_id)
+        cum = float(head[-1:].view(_F64)[0])
+        if k < 0 or n_lps < 0:
+            raise MalformedStepOutput(f"step output header has negative sizes ({n_lps} log-probs, K={k})")
+        n_top = n_lps * k
+        sizes = (n_ids * _I32.itemsize, n_lps * _F32.itemsize, n_top * 4, n_top * 4, n_text, n_finish, n_id)
         if min(sizes) < 0 or head_bytes + sum(sizes) != len(buf):
             raise MalformedStepOutput(f"step output header {sizes} does not fit its {len(buf)} bytes")
         at = head_bytes
@@ -104,6 +129,13 @@ class StepOutput:
         at += sizes[0]
         lps = np.frombuffer(buf, _F32, n_lps, at)
         at += sizes[1]
+        top = np.frombuffer(buf, _F32, n_top, at).reshape(n_lps, k)
+        at += sizes[2]
+        top_ids = np.frombuffer(buf, _I32, n_top, at).reshape(n_lps, k)
+        at += sizes[3]
         text, at = buf[at : at + n_text], at + n_text
         finish, at = buf[at : at + n_finish], at + n_finish
-        return cls(text, ids, finish, n_in, lps, buf[at : at + n_id], returns, tuple(ack), bool(beat))
+        return cls(
+            text, ids, finish, n_in, lps, buf[at : at + n_id], returns, tuple(ack), bool(beat),
+            index, cum, top, top_ids,
+        )  # fmt: skip

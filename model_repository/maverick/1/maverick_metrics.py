@@ -71,7 +71,8 @@ class EngineMetrics:
         self.itl = LatencyHistogram(
             self._family, "maverick_inter_token_latency_seconds", "Time between tokens", ITL_BUCKETS, labels
         )
-        self._previous: dict[str, float] = {}  # request id -> time of its last token (request loop only)
+        # (request id, choice) -> time of its last token (request loop only)
+        self._previous: dict[tuple[str, int], float] = {}
         self._samples: list[tuple[LatencyHistogram, float]] = []  # not yet counted (metrics thread)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="maverick-metrics", daemon=True)
@@ -88,18 +89,20 @@ class EngineMetrics:
         if not times:
             return
         samples = []
-        if out.first_token_time is not None and times[0] == out.first_token_time:
+        # the request's first token: choice 0's (the others start from its computed prompt)
+        if out.index == 0 and out.first_token_time is not None and times[0] == out.first_token_time:
             samples.append((self.ttft, out.first_token_time - out.arrival_time))
-        previous = self._previous.get(out.request_id)
+        key = (out.request_id, out.index)  # each choice of an n > 1 request has its own gaps
+        previous = self._previous.get(key)
         for t in times:
             if previous is not None:
                 samples.append((self.itl, t - previous))
             previous = t
         self._samples += samples  # one list operation: atomic under the GIL
         if out.finished:
-            self._previous.pop(out.request_id, None)
+            self._previous.pop(key, None)
         else:
-            self._previous[out.request_id] = previous
+            self._previous[key] = previous
 
     def _poll(self):
         while not self._stop.wait(STATS_PERIOD_S):

@@ -19,6 +19,7 @@ meanwhile requests fail with UNAVAILABLE.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import threading
@@ -30,6 +31,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from maverick_metrics import EngineMetrics, instance_labels
 
+from maverick.engine.api import RequestOutput
 from maverick.engine.engine_client import EngineClient
 from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
 from maverick.serving.engine_args import Instance, engine_config
@@ -128,36 +130,32 @@ class TritonPythonModel:
         watcher = asyncio.ensure_future(
             self._watch(request, request_id, reply, handle, flow if req.options.flow_control else None)
         )
-        text, ids, logprobs, last = [req.options.echo_text or ""], [], [], None
-        returns = req.returns  # the optional public outputs asked for, once per request
+        n, echo = req.params.n, req.options.echo_text or ""
+        unsent_echo = set(range(n)) if echo else set()  # choices whose first response is still to go
+        gathered = [_Gathered() for _ in range(n)] if not req.options.stream else []
+        unfinished = n  # the last choice's last response carries the FINAL flag
+        shape = _Shape(handle.encode(), req.returns, req.params.top_logprobs)
         try:
             stream = self.engine.generate(request_id, req.prompt, req.params)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     self.metrics.observe(out)
-                    last = out
+                    if out.error:
+                        return reply.error(out.error, pb_utils.TritonError.INTERNAL)  # aborts the rest
                     if req.options.stream:
                         offered = flow.offer(out)
                         if offered is None:
                             continue  # held: this stream has enough responses in flight
                         update, ack = offered
-                        response = _response(
-                            handle,
-                            text[0] + update.text,
-                            update.token_ids,
-                            update,
-                            update.logprobs or [],
-                            returns,
-                            ack,
-                        )
-                        reply.send(response, update.finished)
-                        text[0] = ""
                     else:
-                        text.append(out.text)
-                        ids += out.token_ids
-                        logprobs += out.logprobs or []
-            if not req.options.stream:
-                reply.send(_response(handle, "".join(text), ids, last, logprobs, returns), True)
+                        gathered[out.index].add(out)
+                        if not out.finished:
+                            continue
+                        update, ack = gathered[out.index].whole(), NO_ACK
+                    unfinished -= update.finished
+                    prefix = echo if update.index in unsent_echo else ""
+                    unsent_echo.discard(update.index)
+                    reply.send(shape.response(update, prefix, ack), unfinished == 0)
         except (RequestError, InvalidRequest) as e:
             reply.error(str(e), pb_utils.TritonError.INVALID_ARG)
         except EngineOverloadedError as e:
@@ -221,22 +219,66 @@ class _Undeliverable(Exception):
     """A response could not be sent: the request was cancelled or its client disconnected."""
 
 
-def _response(handle, text, token_ids, out, logprobs, returns, ack=NO_ACK):
-    finish = (out.finish_reason or "") if out is not None and out.finished else ""
-    error = out.error if out is not None else None
-    if error:
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INTERNAL))
-    step = StepOutput(
-        text=text.encode(),
-        token_ids=np.asarray(token_ids, dtype=np.int32),
-        finish_reason=finish.encode(),
-        num_input_tokens=out.num_prompt_tokens if out else 0,
-        log_probs=np.asarray([lp for lp in logprobs if lp is not None], dtype=np.float32),
-        abort_handle=handle.encode(),
-        returns=returns,
-        ack=ack,
-    )
-    return pb_utils.InferenceResponse([pb_utils.Tensor("step", step.to_array())])
+class _Gathered:
+    """One choice's updates of a non-streamed request, gathered for its one response (lists grown in
+    place: merging updates pairwise would copy the answer so far at every token)."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_token_ids: list[list[int]] = []
+        self.top_logprobs: list[list[float]] = []
+        self.last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        self.top_token_ids += out.top_token_ids or []
+        self.top_logprobs += out.top_logprobs or []
+        self.last = out
+
+    def whole(self) -> RequestOutput:
+        """The choice's answer as one update (state from its last)."""
+        return dataclasses.replace(
+            self.last,
+            text="".join(self.text),
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+            top_token_ids=self.top_token_ids,
+            top_logprobs=self.top_logprobs,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+    """What every `step` of one request carries besides its update."""
+
+    handle: bytes  # the abort handle
+    returns: int  # the optional public outputs asked for (step_output.RETURN_*)
+    top_logprobs: int  # K: top log-probs per token
+
+    def response(self, out: RequestOutput, prefix: str = "", ack=NO_ACK):
+        k = self.top_logprobs
+        top = {}
+        if k:  # [m, K]: one row per token of this update
+            top["top_log_probs"] = np.asarray(out.top_logprobs or [], dtype=np.float32).reshape(-1, k)
+            top["top_log_prob_ids"] = np.asarray(out.top_token_ids or [], dtype=np.int32).reshape(-1, k)
+        step = StepOutput(
+            text=(prefix + out.text).encode(),
+            token_ids=np.asarray(out.token_ids, dtype=np.int32),
+            finish_reason=(out.finish_reason or "").encode() if out.finished else b"",
+            num_input_tokens=out.num_prompt_tokens,
+            log_probs=np.asarray(out.logprobs or [], dtype=np.float32),
+            abort_handle=self.handle,
+            returns=self.returns,
+            ack=ack,
+            sequence_index=out.index,
+            cum_log_prob=out.cumulative_logprob or 0.0,
+            **top,
+        )
+        return pb_utils.InferenceResponse([pb_utils.Tensor("step", step.to_array())])
 
 
 class _Reply:

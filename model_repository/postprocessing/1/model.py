@@ -35,6 +35,7 @@ from maverick.serving.step_output import (
     RETURN_LOG_PROBS,
     RETURN_NUM_INPUT_TOKENS,
     RETURN_NUM_OUTPUT_TOKENS,
+    RETURN_SEQUENCE_INDEX,
     MalformedStepOutput,
     StepOutput,
 )
@@ -94,6 +95,12 @@ class TritonPythonModel:
             outputs["num_output_tokens"] = np.array([[step.token_ids.size]], dtype=np.int32)
         if step.returns & RETURN_LOG_PROBS:
             outputs["output_log_probs"] = step.log_probs.reshape(1, -1)
+            outputs["cum_log_probs"] = np.array([[step.cum_log_prob]], dtype=np.float32)
+        if step.top_log_probs.shape[1]:  # top_log_probs = K > 0: [1, tokens, K]
+            outputs["output_top_log_probs"] = step.top_log_probs[None]
+            outputs["output_top_log_prob_ids"] = step.top_log_prob_ids[None]
+        if step.returns & RETURN_SEQUENCE_INDEX:  # num_return_sequences > 1: which choice
+            outputs["sequence_index"] = np.array([[step.sequence_index]], dtype=np.int32)
         return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 

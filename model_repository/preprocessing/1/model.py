@@ -95,7 +95,7 @@ def _is_heavy(inputs):
     """Images to decode, or much text to tokenize."""
     if "images" in inputs:
         return True
-    names = ("text_input", "messages", "system_prompt")
+    names = ("text_input", "messages", "system_prompt", "tools")
     size = sum(len(v) for name in names if name in inputs for v in inputs[name].reshape(-1))
     return size > HEAVY_TEXT_BYTES
 
