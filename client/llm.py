@@ -82,6 +82,7 @@ class Chunk:
     # with top_log_probs = K: [tokens][K] most likely token ids and their log-probs
     top_log_prob_ids: list[list[int]] | None = None
     top_log_probs: list[list[float]] | None = None
+    num_cached_tokens: int = 0  # of num_input_tokens, from the prefix cache (with return_num_input_tokens)
 
 
 @dataclass
@@ -254,6 +255,7 @@ _OUTPUTS = (
     "output_token_ids",
     "finish_reason",
     "num_input_tokens",
+    "num_cached_tokens",
     "num_output_tokens",
     "sequence_index",
     "output_log_probs",
@@ -284,6 +286,7 @@ def _chunk(values: dict[str, Any], t: float) -> Chunk:
         token_ids=token_ids,
         finish_reason=finish or None,
         num_input_tokens=int(_first(values.get("num_input_tokens"), 0)),
+        num_cached_tokens=int(_first(values.get("num_cached_tokens"), 0)),
         # sent when asked (return_num_output_tokens); the token ids always are
         num_output_tokens=int(_first(values.get("num_output_tokens"), len(token_ids))),
         time=t,

@@ -43,9 +43,15 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "stop", "tool_cal
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # prompt tokens served from the engine's prefix cache, as choice 0 found them (with n > 1 the
+    # other choices reuse its prompt blocks: the prompt is counted once)
+    cached_tokens: int = 0
 
     def add(self, d: Delta) -> None:
-        self.prompt_tokens = d.num_input_tokens or self.prompt_tokens
+        if d.num_input_tokens:
+            self.prompt_tokens = d.num_input_tokens
+            if d.index == 0:
+                self.cached_tokens = d.num_cached_tokens
         self.completion_tokens += d.num_output_tokens
 
     def as_dict(self) -> dict:
@@ -54,6 +60,7 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": total,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

@@ -28,6 +28,7 @@ class Delta:
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int = 0  # of num_input_tokens, from the prefix cache
     index: int = 0  # the choice (sequence_index), with n > 1
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] | None = None  # with return_log_probs: one per token
@@ -82,6 +83,7 @@ async def triton_stream(client, fields: dict[str, Any], stream: bool) -> AsyncIt
                     finish_reason=(finish.decode() if isinstance(finish, bytes) else str(finish)) or None,
                     num_input_tokens=int(_first(result, "num_input_tokens", 0)),
                     num_output_tokens=int(_first(result, "num_output_tokens", 0)),
+                    num_cached_tokens=int(_first(result, "num_cached_tokens", 0)),
                     index=int(_first(result, "sequence_index", 0)),
                     token_ids=[] if ids is None else ids.reshape(-1).tolist(),
                     log_probs=None if lps is None else lps.reshape(-1).tolist(),

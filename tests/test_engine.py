@@ -54,24 +54,36 @@ def workload(tok: Tokenizer) -> list[tuple[str, Prompt, SamplingParams, int]]:
     return reqs
 
 
-def run(engine: LLMEngine, reqs) -> dict[str, list[int]]:
+def run_choices(
+    engine: LLMEngine, reqs, finish_reason: str | None = None
+) -> dict[tuple[str, int], list[int]]:
+    """(request id, prompt, params, arrival step) run to the end, each added at its step: tokens by
+    (request id, choice). `finish_reason`: what every choice must end with (None: any)."""
     pending = sorted(reqs, key=lambda r: r[3])
-    tokens: dict[str, list[int]] = {rid: [] for rid, *_ in reqs}
-    finished = set()
+    tokens: dict[tuple[str, int], list[int]] = {}
+    finished: set[tuple[str, int]] = set()
     step = 0
     while pending or engine.has_unfinished():
         while pending and pending[0][3] <= step:
             rid, prompt, params, _ = pending.pop(0)
             engine.add_request(rid, prompt, params)
         for out in engine.step():
-            tokens[out.request_id] += out.token_ids
+            key = (out.request_id, out.index)
+            assert key not in finished, out  # nothing after a choice's finished update
+            tokens.setdefault(key, []).extend(out.token_ids)
             if out.finished:
-                assert out.finish_reason == "length", out
-                finished.add(out.request_id)
+                assert finish_reason in (None, out.finish_reason), out
+                finished.add(key)
         step += 1
         assert step < 10_000
-    assert finished == set(tokens)
+    assert finished == set(tokens) == {(rid, i) for rid, _, p, _ in reqs for i in range(p.n)}
     return tokens
+
+
+def run(engine: LLMEngine, reqs) -> dict[str, list[int]]:
+    """Requests of one choice each, run to their length: tokens by request id."""
+    tokens = run_choices(engine, reqs, finish_reason="length")
+    return {rid: tokens[(rid, 0)] for rid, *_ in reqs}
 
 
 @pytest.fixture(scope="module")
@@ -338,28 +350,6 @@ def test_logit_bias_forces_or_bans_a_token_under_greedy(tiny_ckpt, reqs):
 
 
 # -- n > 1: several choices of one prompt ---------------------------------------------------------------
-def run_choices(engine: LLMEngine, reqs) -> dict[tuple[str, int], list[int]]:
-    """Like run(), for requests with several choices: tokens by (request id, choice)."""
-    pending = sorted(reqs, key=lambda r: r[3])
-    tokens: dict[tuple[str, int], list[int]] = {}
-    finished: set[tuple[str, int]] = set()
-    step = 0
-    while pending or engine.has_unfinished():
-        while pending and pending[0][3] <= step:
-            rid, prompt, params, _ = pending.pop(0)
-            engine.add_request(rid, prompt, params)
-        for out in engine.step():
-            key = (out.request_id, out.index)
-            assert key not in finished, out  # nothing after a choice's finished update
-            tokens.setdefault(key, []).extend(out.token_ids)
-            if out.finished:
-                finished.add(key)
-        step += 1
-        assert step < 10_000
-    assert finished == set(tokens) == {(rid, i) for rid, _, p, _ in reqs for i in range(p.n)}
-    return tokens
-
-
 CHOICES = SamplingParams(n=3, seed=2024, max_tokens=10, temperature=0.9, top_p=0.95, ignore_eos=True)
 
 

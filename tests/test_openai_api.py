@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 from conftest import free_ports, scrape_metrics
@@ -329,3 +330,26 @@ def test_n_choices_with_a_seed_are_reproducible_alone_or_while_others_run(api, o
         assert mine[0].delta.role == "assistant"
         assert "".join(c.delta.content or "" for c in mine) == want[i]
         assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + ["length"]
+
+
+def test_usage_counts_the_prompt_tokens_served_from_the_prefix_cache(triton, oai):
+    """The same chat twice: the first finds nothing cached (its first block is unique), the second
+    every full block of its prompt but the last token's, which the engine's own counter confirms."""
+    chat = [{"role": "user", "content": f"{uuid.uuid4().hex} " + "Tell me about cats and dogs. " * 8}]
+    hits = "maverick_prefix_cache_hit_tokens_total"
+    before = None
+    while before != (now := _metric(triton, hits)):  # settled: the metrics are sampled every 0.5 s
+        before = now
+        time.sleep(0.6)
+    first, again = (
+        oai.chat.completions.create(model=MODEL, messages=chat, max_tokens=1, temperature=0) for _ in range(2)
+    )
+    prompt = again.usage.prompt_tokens
+    assert first.usage.prompt_tokens == prompt > 32
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (prompt - 1) // 16 * 16  # block_size 16; at least one token is computed
+    deadline = time.monotonic() + 3  # the metrics are sampled every 0.5 s
+    while _metric(triton, hits) < before + cached and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(triton, hits) == before + cached

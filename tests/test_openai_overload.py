@@ -44,19 +44,21 @@ def _waiting(triton) -> float:
     return sum(v for n, _, v in scrape_metrics(port) if n == "maverick_num_requests_waiting")
 
 
+def _long_stream(client):
+    """A streamed chat of 2000 tokens, its first two chunks read: (the stream, its chunk iterator)."""
+    stream = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=2000, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    return stream, chunks
+
+
 def test_overload_is_503_with_retry_after_and_the_admitted_requests_finish(stack):
     triton, url = stack
     client = _client(url)
-    running = client.chat.completions.create(
-        model=MODEL,
-        messages=CHAT,
-        max_tokens=2000,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    chunks = iter(running)
-    next(chunks), next(chunks)  # the one running sequence
+    running, chunks = _long_stream(client)  # the one running sequence
     queued: list = []
     waiter = threading.Thread(
         target=lambda: queued.append(
@@ -92,16 +94,7 @@ def test_overload_is_503_with_retry_after_and_the_admitted_requests_finish(stack
 def test_triton_down_is_503_not_a_hang(stack):
     triton, url = stack
     client = _client(url)
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=CHAT,
-        max_tokens=2000,
-        temperature=0,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    chunks = iter(stream)
-    next(chunks), next(chunks)
+    stream, chunks = _long_stream(client)
     triton.proc.kill()  # SIGKILL: no clean stop, connections just drop
     t0 = time.monotonic()
     with pytest.raises(openai.APIError, match="unavailable"):  # the error event after the 200

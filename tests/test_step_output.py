@@ -25,6 +25,7 @@ def test_round_trip_keeps_every_field():
         abort_handle="req-é-1".encode(),
         returns=RETURN_NUM_OUTPUT_TOKENS | RETURN_LOG_PROBS,
         ack=(2**62 - 1, 4095, (7 << 32) | 3),
+        num_cached_tokens=1216,
     )
     array = step.to_array()
     assert array.dtype == np.uint8 and array.shape[0] == 1
@@ -34,6 +35,7 @@ def test_round_trip_keeps_every_field():
     assert back.log_probs.tolist() == step.log_probs.tolist() and back.log_probs.dtype == np.float32
     assert back.num_input_tokens == 1234 and back.abort_handle == "req-é-1".encode()
     assert back.returns == RETURN_NUM_OUTPUT_TOKENS | RETURN_LOG_PROBS and back.ack == step.ack
+    assert back.num_cached_tokens == 1216
 
 
 def test_an_update_without_tokens_or_text():

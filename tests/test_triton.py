@@ -353,9 +353,10 @@ def test_optional_outputs_are_sent_only_when_asked(triton):
         assert (r["output_log_probs"] <= 0).all()
         # log-probs bring their running sum; top log-probs and sequence_index only when asked
         assert set(r) - {"finish_reason"} == {
-            "text_output", "output_token_ids", "num_input_tokens", "num_output_tokens",
-            "output_log_probs", "cum_log_probs",
+            "text_output", "output_token_ids", "num_input_tokens", "num_cached_tokens",
+            "num_output_tokens", "output_log_probs", "cum_log_probs",
         }  # fmt: skip
+        assert 0 <= int(r["num_cached_tokens"].reshape(-1)[0]) < int(r["num_input_tokens"].reshape(-1)[0])
     top = _grpc_output_names(triton.grpc_url, {**asked, "top_log_probs": 2})
     for r in top:
         assert r["output_top_log_probs"].shape == r["output_top_log_prob_ids"].shape
@@ -372,7 +373,7 @@ def test_optional_outputs_are_sent_only_when_asked(triton):
             json.loads(line[5:]) for line in resp.read().decode().splitlines() if line.startswith("data:")
         ]
     assert events and sum(e["num_output_tokens"] for e in events) == 6
-    assert not any("num_input_tokens" in e or "output_log_probs" in e for e in events)
+    assert not any({"num_input_tokens", "num_cached_tokens", "output_log_probs"} & set(e) for e in events)
     assert [("finish_reason" in e) for e in events] == [False] * (len(events) - 1) + [True]
 
 

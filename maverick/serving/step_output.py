@@ -9,10 +9,10 @@ Layout (little-endian): a header of HEADER int64 values — num_input_tokens, nu
 number of log-probs, bytes of text, of finish reason and of abort handle, the optional
 outputs the request asked for (`returns`, RETURN_* bits), the flow-control acknowledgement
 (board id, slot, value; see response_window.py), 1 for a heartbeat, the sequence index (the
-choice of an n > 1 request), K (top log-probs per token) and the cumulative log-prob (a float64's
-bits) — followed by the token ids (int32), the log-probs (float32), the top log-probs [m, K]
-(float32) and their token ids [m, K] (int32), the text, the finish reason and the abort handle
-(UTF-8). The sizes must add up to the tensor's exactly.
+choice of an n > 1 request), K (top log-probs per token), the prompt tokens served from the prefix
+cache, and the cumulative log-prob (a float64's bits) — followed by the token ids (int32), the
+log-probs (float32), the top log-probs [m, K] (float32) and their token ids [m, K] (int32), the
+text, the finish reason and the abort handle (UTF-8). The sizes must add up to the tensor's exactly.
 
 A heartbeat carries no output: the step sends one while a request has been silent for a while, so
 that postprocessing sees a cancelled ensemble request (Triton tells only the next step) and
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-HEADER = 14
+HEADER = 15
 _I64, _I32, _F32, _F64 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4"), np.dtype("<f8")
 
 
@@ -58,6 +58,7 @@ class StepOutput:
     # [m, K]: each log-prob'd token's K most likely tokens' log-probs and ids (K = 0: not asked)
     top_log_probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), _F32))
     top_log_prob_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), _I32))
+    num_cached_tokens: int = 0  # of num_input_tokens, those whose KV came from the prefix cache
 
     @classmethod
     def beat(cls, abort_handle: bytes, ack: tuple[int, int, int]) -> StepOutput:
@@ -89,6 +90,7 @@ class StepOutput:
                 int(self.heartbeat),
                 self.sequence_index,
                 k,
+                self.num_cached_tokens,
                 np.array(self.cum_log_prob, _F64).view(_I64),
             ],
             dtype=_I64,
@@ -114,7 +116,7 @@ class StepOutput:
         if len(buf) < head_bytes:
             raise MalformedStepOutput(f"step output of {len(buf)} bytes, shorter than its header")
         head = np.frombuffer(buf, _I64, HEADER)
-        n_in, n_ids, n_lps, n_text, n_finish, n_id, returns, *ack, beat, index, k = (
+        n_in, n_ids, n_lps, n_text, n_finish, n_id, returns, *ack, beat, index, k, n_cached = (
             int(v) for v in head[:-1]
         )
         cum = float(head[-1:].view(_F64)[0])
@@ -137,5 +139,5 @@ class StepOutput:
         finish, at = buf[at : at + n_finish], at + n_finish
         return cls(
             text, ids, finish, n_in, lps, buf[at : at + n_id], returns, tuple(ack), bool(beat),
-            index, cum, top, top_ids,
+            index, cum, top, top_ids, n_cached,
         )  # fmt: skip

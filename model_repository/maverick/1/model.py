@@ -270,6 +270,7 @@ class _Shape:
             token_ids=np.asarray(out.token_ids, dtype=np.int32),
             finish_reason=(out.finish_reason or "").encode() if out.finished else b"",
             num_input_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
             log_probs=np.asarray(out.logprobs or [], dtype=np.float32),
             abort_handle=self.handle,
             returns=self.returns,

@@ -91,6 +91,7 @@ class TritonPythonModel:
             outputs["finish_reason"] = np.array([[step.finish_reason]], dtype=object)
         if step.returns & RETURN_NUM_INPUT_TOKENS:
             outputs["num_input_tokens"] = np.array([[step.num_input_tokens]], dtype=np.int32)
+            outputs["num_cached_tokens"] = np.array([[step.num_cached_tokens]], dtype=np.int32)
         if step.returns & RETURN_NUM_OUTPUT_TOKENS:
             outputs["num_output_tokens"] = np.array([[step.token_ids.size]], dtype=np.int32)
         if step.returns & RETURN_LOG_PROBS:
