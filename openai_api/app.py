@@ -215,7 +215,7 @@ async def _whole(
             if found.tool_calls:
                 message["message"].update(content=None, tool_calls=[c.message() for c in found.tool_calls])
                 finish = "tool_calls"
-        logprobs = {"content": choice.logprobs, "refusal": None} if tokens is not None else None
+        logprobs = shape.logprobs(choice.logprobs) if tokens is not None else None
         choices.append(
             {
                 "index": index,
@@ -315,6 +315,7 @@ async def _streamed(
 
     async def events():
         usage, ended = Usage(), set()  # usage: the prompt once, the completion tokens of every choice
+        offsets: dict[int, int] = {}  # completions' text_offset: each choice's token text so far
         try:
             if (opening := shape.opening()) is not None:
                 for index in range(req.n):
@@ -335,7 +336,9 @@ async def _streamed(
                 text = parser.feed(d.text) if parser else d.text
                 logprobs = None
                 if tokens is not None and d.token_ids:
-                    logprobs = {"content": tokens.content(d), "refusal": None}
+                    entries = tokens.content(d)
+                    logprobs = shape.logprobs(entries, offsets.get(d.index, 0))
+                    offsets[d.index] = offsets.get(d.index, 0) + sum(len(e["token"]) for e in entries)
                 if text or logprobs:
                     yield chunk(shape.content(text), index=d.index, logprobs=logprobs)
                 if d.finish_reason:

@@ -197,7 +197,8 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     req = _with_sampling(body, fields, max_tokens)
     req.tool_calls, req.parallel_tool_calls = tool_calls, body.get("parallel_tool_calls") is not False
-    _choices_and_logprobs(body, req)
+    _choices_and_bias(body, req)
+    _chat_logprobs(body, req)
     return req
 
 
@@ -208,13 +209,22 @@ def _int_in(body: dict, name: str, lo: int, hi: int) -> int | None:
     return value
 
 
-def _choices_and_logprobs(body: dict, req: ChatRequest) -> None:
-    """`n`, `logprobs`, `top_logprobs` and `logit_bias` (the ensemble checks the biases' ids and
-    ranges, and names logit_bias as OpenAI does)."""
-    fields = req.fields
+def _choices_and_bias(body: dict, req: ChatRequest) -> None:
+    """`n` and `logit_bias` (the ensemble checks the biases' ids and ranges, and names logit_bias
+    as OpenAI does)."""
     n = _int_in(body, "n", 1, MAX_N)
     if n is not None and n > 1:
-        req.n = fields["num_return_sequences"] = n
+        req.n = req.fields["num_return_sequences"] = n
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise bad_request("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+        if bias:
+            req.fields["logit_bias"] = json.dumps(bias)
+
+
+def _chat_logprobs(body: dict, req: ChatRequest) -> None:
+    """Chat's `logprobs` (a boolean) and `top_logprobs`."""
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise bad_request("'logprobs' must be a boolean", "logprobs")
@@ -222,15 +232,9 @@ def _choices_and_logprobs(body: dict, req: ChatRequest) -> None:
     if top and not logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     if logprobs:
-        req.logprobs = fields["return_log_probs"] = True
+        req.logprobs = req.fields["return_log_probs"] = True
         if top:
-            fields["top_log_probs"] = top
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise bad_request("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
-        if bias:
-            fields["logit_bias"] = json.dumps(bias)
+            req.fields["top_log_probs"] = top
 
 
 def _with_sampling(body: dict, fields: dict[str, Any], max_tokens: Any) -> ChatRequest:
@@ -269,22 +273,15 @@ def _with_sampling(body: dict, fields: dict[str, Any], max_tokens: Any) -> ChatR
 
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy API's integer logprobs
 
 
 def parse_completion(body: Any, model_name: str) -> ChatRequest:
     """A legacy completions body (`POST /v1/completions`) -> the ensemble's raw prompt request:
     `text_input` without the chat template, so the text is the whole prompt (one BOS is added)."""
     _check_model(body, model_name)
-    # One choice, no log-probabilities yet: where chat gains `n` and `logprobs`, they plug in here
-    # (completions' `logprobs` is an int, up to 5, with its own answer shape; `best_of` >= n).
-    for name in ("n", "best_of"):
-        if body.get(name) not in (None, 1):
-            raise unsupported(name)
-    if body.get("logprobs") is not None:
-        raise unsupported("logprobs")
-    for name in ("suffix", "logit_bias"):
-        if body.get(name):
-            raise unsupported(name)
+    if body.get("suffix"):
+        raise unsupported("suffix")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -307,4 +304,16 @@ def parse_completion(body: Any, model_name: str) -> ChatRequest:
     if echo:
         fields["exclude_input_in_output"] = False  # the ensemble puts the prompt first
     max_tokens = body.get("max_tokens")
-    return _with_sampling(body, fields, COMPLETIONS_MAX_TOKENS if max_tokens is None else max_tokens)
+    req = _with_sampling(body, fields, COMPLETIONS_MAX_TOKENS if max_tokens is None else max_tokens)
+    _choices_and_bias(body, req)
+    # completions' logprobs: how many most likely tokens besides the chosen one (0 to 5)
+    logprobs = _int_in(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    if logprobs is not None:
+        if echo:
+            raise bad_request("'logprobs' with 'echo' (the prompt's log-probs) is unsupported", "logprobs")
+        req.logprobs = req.fields["return_log_probs"] = True
+        if logprobs:
+            req.fields["top_log_probs"] = logprobs
+    if body.get("best_of") not in (None, req.n):  # best_of > n: rank candidates, return the best n
+        raise unsupported("best_of")
+    return req

@@ -12,6 +12,7 @@ import pytest
 from openai_server import MODEL, serve
 
 from client.llm import GrpcClient
+from maverick.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -19,8 +20,9 @@ PROMPT = "Once upon a time, in a land far away,"
 
 
 @pytest.fixture(scope="module")
-def api(triton, tmp_path_factory):
-    with serve(triton.grpc_url, tmp_path_factory.mktemp("openai_completions") / "server.log") as url:
+def api(triton, tiny_ckpt, tmp_path_factory):
+    log = tmp_path_factory.mktemp("openai_completions") / "server.log"
+    with serve(triton.grpc_url, log, args=("--tokenizer", str(tiny_ckpt))) as url:
         yield url
 
 
@@ -96,6 +98,49 @@ def test_echo_stop_and_seed(oai):
     assert a == b  # seeded
 
 
+def test_n_choices_with_a_seed_are_the_seeds_one_by_one(oai):
+    """n=3 with seed s: choice i is the one-choice answer with seed s + i, whole and streamed."""
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1.0, extra_body={"ignore_eos": True})
+    alone = [oai.completions.create(seed=40 + i, **kw).choices[0].text for i in range(3)]
+    assert len(set(alone)) == 3
+    whole = oai.completions.create(n=3, best_of=3, seed=40, **kw)
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == alone
+    assert whole.usage.completion_tokens == 18
+    streamed = ["", "", ""]
+    for chunk in oai.completions.create(n=3, seed=40, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == alone
+
+
+def test_logprobs_are_the_ensembles_in_the_completions_shape(triton, tiny_ckpt, oai):
+    """logprobs=2: per token its string, log-prob, its top 2 and itself in top_logprobs, and its
+    text offset; the same log-probs as the ensemble's for the same text_input, streamed too."""
+    want = _direct_stream(triton, text=PROMPT, max_tokens=6, temperature=0.0, ignore_eos=True,
+                          return_log_probs=True, top_log_probs=2)  # fmt: skip
+    want_lps = [lp for c in want for lp in c.log_probs]
+    want_tops = [row for c in want for row in c.top_log_probs]
+    kw = dict(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
+    got = oai.completions.create(**kw).choices[0]
+    lp = got.logprobs
+    assert lp.token_logprobs == pytest.approx(want_lps, abs=1e-4) and len(lp.tokens) == 6
+    for token, chosen, top, row in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, want_tops, strict=True):
+        assert top[token] == chosen  # greedy: the chosen token is also the likeliest of the two
+        assert sorted(top.values(), reverse=True) == pytest.approx(row, abs=1e-4) and len(top) == 2
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    # the text is the tokens but the special ones (their names in `tokens`; the answer skips them)
+    special = [Tokenizer.from_dir(tiny_ckpt).is_special(t) for c in want for t in c.token_ids]
+    assert "".join(t for t, s in zip(lp.tokens, special, strict=True) if not s) == got.text
+    streamed = [
+        c.choices[0].logprobs for c in oai.completions.create(stream=True, **kw) if c.choices[0].logprobs
+    ]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    assert oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
+
+
 @pytest.mark.parametrize(
     "extra,param,words",
     [
@@ -104,9 +149,11 @@ def test_echo_stop_and_seed(oai):
         ({"prompt": ["a", "b"]}, "prompt", "several prompts"),
         ({"prompt": 7}, "prompt", "must be a string"),
         ({"suffix": "the end"}, "suffix", "unsupported yet"),
-        ({"n": 2}, "n", "unsupported yet"),
+        ({"n": 17}, "n", "from 1 to 16"),
         ({"best_of": 3}, "best_of", "unsupported yet"),
-        ({"logprobs": 2}, "logprobs", "unsupported yet"),
+        ({"n": 2, "best_of": 3}, "best_of", "unsupported yet"),
+        ({"logprobs": 6}, "logprobs", "from 0 to 5"),
+        ({"logprobs": 2, "echo": True}, "logprobs", "unsupported"),
         ({"max_tokens": 0}, "max_tokens", "positive integer"),
         ({"echo": "yes"}, "echo", "boolean"),
         ({"temperature": "hot"}, "temperature", "must be a float"),
