@@ -239,7 +239,7 @@ class GrpcClient:
                 )
                 if result.as_numpy("text_output") is None:
                     continue  # the empty final response
-                yield _chunk({n: result.as_numpy(n) for n in _OUTPUTS}, t)
+                yield chunk_from({n: result.as_numpy(n) for n in OUTPUTS}, t)
         finally:
             self.client.stop_stream(cancel_requests=not done)
 
@@ -250,7 +250,7 @@ class GrpcClient:
         return result
 
 
-_OUTPUTS = (
+OUTPUTS = (  # the ensemble's outputs a Chunk reads
     "text_output",
     "output_token_ids",
     "finish_reason",
@@ -272,7 +272,8 @@ def _first(arr, default=None):
     return flat[0] if flat.size else default
 
 
-def _chunk(values: dict[str, Any], t: float) -> Chunk:
+def chunk_from(values: dict[str, Any], t: float) -> Chunk:
+    """One response's outputs (name -> array, or JSON values over HTTP), arrived at t."""
     text = _first(values.get("text_output"), b"")
     finish = _first(values.get("finish_reason"), b"")
     text = text.decode() if isinstance(text, bytes) else str(text)
@@ -342,7 +343,7 @@ class HttpClient:
             answer = json.loads(resp.read())
             if "error" in answer:  # e.g. num_return_sequences > 1: Triton 2.51 answers 200 and an error
                 raise ServerError(answer["error"], resp.status)
-            result.add(_chunk(answer, time.monotonic()))
+            result.add(chunk_from(answer, time.monotonic()))
         return result
 
     def stream(self, **kwargs) -> Iterator[Chunk]:
@@ -356,7 +357,7 @@ class HttpClient:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise ServerError(event["error"])
-                yield _chunk(event, time.monotonic())
+                yield chunk_from(event, time.monotonic())
 
 
 def _error_text(body: bytes) -> str:

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from client.llm import Chunk
 from openai_api import tool_calls
 from openai_api.errors import APIError, bad_request
 from openai_api.images import ImagePolicy, resolve_images
@@ -32,7 +33,7 @@ from openai_api.logprobs import TokenLogprobs
 from openai_api.metrics import STARTED, Metrics, MetricsMiddleware, endpoint_of, first_token_timer
 from openai_api.protocol import ChatRequest, parse_chat, parse_completion
 from openai_api.shapes import CHAT, COMPLETION, Shape
-from openai_api.triton import ENSEMBLE, Delta, triton_stream
+from openai_api.triton import ENSEMBLE, triton_stream
 
 log = logging.getLogger("openai_api")
 
@@ -47,10 +48,10 @@ class Usage:
     # other choices reuse its prompt blocks: the prompt is counted once)
     cached_tokens: int = 0
 
-    def add(self, d: Delta) -> None:
+    def add(self, d: Chunk) -> None:
         if d.num_input_tokens:
             self.prompt_tokens = d.num_input_tokens
-            if d.index == 0:
+            if d.sequence_index == 0:
                 self.cached_tokens = d.num_cached_tokens
         self.completion_tokens += d.num_output_tokens
 
@@ -170,7 +171,7 @@ async def _json(request: Request) -> Any:
 
 async def _whole(
     request: Request,
-    deltas: AsyncIterator[Delta],
+    deltas: AsyncIterator[Chunk],
     cid: str,
     now: int,
     model: str,
@@ -185,7 +186,7 @@ async def _whole(
         choices: dict[int, _Choice] = {}
         usage = Usage()  # the prompt once, the completion tokens of every choice
         async for d in deltas:
-            choices.setdefault(d.index, _Choice()).add(d, tokens)
+            choices.setdefault(d.sequence_index, _Choice()).add(d, tokens)
             usage.add(d)
         return choices, usage
 
@@ -245,7 +246,7 @@ class _Choice:
     finish: str | None = None
     logprobs: list[dict] = field(default_factory=list)
 
-    def add(self, d: Delta, tokens: TokenLogprobs | None) -> None:
+    def add(self, d: Chunk, tokens: TokenLogprobs | None) -> None:
         self.text.append(d.text)
         self.finish = d.finish_reason or self.finish
         if tokens is not None:
@@ -257,7 +258,7 @@ def _sse(obj: dict) -> bytes:
 
 
 async def _streamed(
-    deltas: AsyncIterator[Delta],
+    deltas: AsyncIterator[Chunk],
     req: ChatRequest,
     cid: str,
     now: int,
@@ -330,20 +331,21 @@ async def _streamed(
                     except StopAsyncIteration:
                         break
                 usage.add(d)
-                if req.tool_calls and d.index not in parsers:
-                    parsers[d.index] = tool_calls.StreamParser(req.parallel_tool_calls)
-                parser = parsers.get(d.index)
+                i = d.sequence_index  # the choice
+                if req.tool_calls and i not in parsers:
+                    parsers[i] = tool_calls.StreamParser(req.parallel_tool_calls)
+                parser = parsers.get(i)
                 text = parser.feed(d.text) if parser else d.text
                 logprobs = None
                 if tokens is not None and d.token_ids:
                     entries = tokens.content(d)
-                    logprobs = shape.logprobs(entries, offsets.get(d.index, 0))
-                    offsets[d.index] = offsets.get(d.index, 0) + sum(len(e["token"]) for e in entries)
+                    logprobs = shape.logprobs(entries, offsets.get(i, 0))
+                    offsets[i] = offsets.get(i, 0) + sum(len(e["token"]) for e in entries)
                 if text or logprobs:
-                    yield chunk(shape.content(text), index=d.index, logprobs=logprobs)
+                    yield chunk(shape.content(text), index=i, logprobs=logprobs)
                 if d.finish_reason:
-                    ended.add(d.index)
-                    for event in ending(d.index, d.finish_reason):
+                    ended.add(i)
+                    for event in ending(i, d.finish_reason):
                         yield event
             for index in range(req.n):
                 if index not in ended:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from client.llm import Chunk
 from maverick.tokenizer import Tokenizer
-from openai_api.triton import Delta
 
 
 class TokenLogprobs:
@@ -37,7 +37,7 @@ class TokenLogprobs:
         token, raw = self._token(int(token_id))
         return {"token": token, "logprob": float(logprob), "bytes": list(raw)}
 
-    def content(self, d: Delta) -> list[dict]:
+    def content(self, d: Chunk) -> list[dict]:
         """The `logprobs.content` entries of a delta's tokens (top_logprobs [] when none was asked)."""
         top_ids, top_lps = d.top_log_prob_ids or [], d.top_log_probs or []
         out = []
