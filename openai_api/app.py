@@ -318,9 +318,6 @@ async def _streamed(
         usage, ended = Usage(), set()  # usage: the prompt once, the completion tokens of every choice
         offsets: dict[int, int] = {}  # completions' text_offset: each choice's token text so far
         try:
-            if (opening := shape.opening()) is not None:
-                for index in range(req.n):
-                    yield chunk(opening, index=index)
             pending = [first] if first is not None else []
             while True:
                 if pending:
@@ -360,8 +357,20 @@ async def _streamed(
         finally:
             await deltas.aclose()  # a client that left: cancels the Triton request
 
+    opening = shape.opening()
+    head = b"".join(chunk(opening, index=i) for i in range(req.n)) if opening is not None else b""
     return StreamingResponse(
-        events(),
+        _leading(head, events()),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _leading(head: bytes, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`events` with `head` (chat's role chunks) sent in the same write as the first of them: the
+    role and the first content reach the client in one packet, not two."""
+    async for event in events:
+        yield head + event
+        head = b""
+    if head:
+        yield head

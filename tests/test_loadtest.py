@@ -279,15 +279,24 @@ def test_record_runs_both_sides_with_the_same_engine_settings_and_cpus(tiny_ckpt
 
 
 def test_openai_overhead_is_the_median_of_paired_differences():
-    from loadtest.openai_overhead import summarize
+    from loadtest.openai_overhead import markdown, summarize
 
-    # direct 10, 20, 30 ms; through the OpenAI server 11, 25, 31: added 1, 5, 1 -> median 1 ms
-    pairs = [
-        {"direct": {"ttft_s": d, "total_s": 2 * d}, "openai": {"ttft_s": o, "total_s": 2 * o}}
-        for d, o in ((0.010, 0.011), (0.020, 0.025), (0.030, 0.031))
+    # direct 10, 20, 30 ms; through the OpenAI server 11, 25, 31: added 1, 5, 1 -> median 1 ms;
+    # with httpx 13, 22, 35: added 3, 2, 5 -> median 3 ms
+    triples = [
+        {
+            "direct": {"ttft_s": d, "total_s": 2 * d},
+            "openai": {"ttft_s": o, "total_s": 2 * o},
+            "openai_httpx": {"ttft_s": h, "total_s": 2 * h},
+        }
+        for d, o, h in ((0.010, 0.011, 0.013), (0.020, 0.025, 0.022), (0.030, 0.031, 0.035))
     ]
-    s = summarize(pairs)
-    assert s["ttft_s"]["added_ms"]["p50"] == pytest.approx(1.0)
+    s = summarize(triples)
+    assert s["ttft_s"]["openai_added_ms"]["p50"] == pytest.approx(1.0)
     assert s["ttft_s"]["direct_ms"]["p50"] == pytest.approx(20.0)
-    assert s["ttft_s"]["openai_ms"]["p50"] == pytest.approx(25.0)  # not 25 - 20 = 5: pairs, not sides
-    assert s["total_s"]["added_ms"]["p50"] == pytest.approx(2.0)
+    assert s["ttft_s"]["openai_ms"]["p50"] == pytest.approx(25.0)  # not 25 - 20 = 5: triples, not sides
+    assert s["total_s"]["openai_added_ms"]["p50"] == pytest.approx(2.0)
+    assert s["ttft_s"]["openai_httpx_added_ms"]["p50"] == pytest.approx(3.0)
+    table = markdown(s, {"requests": 3, "max_tokens": 16, "machine": "m", "command": "c"})
+    assert "| TTFT | minimal HTTP client | 20.00 | 25.00 |" in table
+    assert "| TTFT | httpx | 20.00 | 22.00 |" in table

@@ -91,6 +91,39 @@ def test_stream_equals_the_whole_answer(oai):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_the_overhead_benchmarks_minimal_client_reads_the_sdks_chunks(api, oai):
+    """loadtest/openai_overhead.py's own HTTP client parses the same stream as the SDK does."""
+    import asyncio
+
+    from loadtest.openai_overhead import RawHTTP
+
+    body = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=0, ignore_eos=True, stream=True)
+
+    async def raw_events():
+        raw = RawHTTP(api)
+        try:
+            # twice on one kept-alive connection: the first answer was read to its end
+            first = [e async for e in raw.events("/v1/chat/completions", body)]
+            return first, [e async for e in raw.events("/v1/chat/completions", body)]
+        finally:
+            await raw.close()
+
+    first, again = asyncio.run(raw_events())
+    sdk_body = {k: v for k, v in body.items() if k != "ignore_eos"}
+    stream = oai.chat.completions.create(**sdk_body, extra_body={"ignore_eos": True})
+    sdk = [c.model_dump(exclude_unset=True) for c in stream]
+
+    def answer(events):  # how many responses carry the text depends on timing (flow control)
+        choices = [e["choices"][0] for e in events]
+        text = "".join(c["delta"].get("content") or "" for c in choices)
+        return choices[0]["delta"], text, choices[-1]["finish_reason"], {e["id"] for e in events}
+
+    (role, text, finish, ids), (_, again_text, _, _) = answer(first), answer(again)
+    _, sdk_text, _, sdk_ids = answer(sdk)
+    assert role == {"role": "assistant", "content": ""} and finish == "length"
+    assert text == again_text == sdk_text and len(ids) == len(sdk_ids) == 1
+
+
 def test_stop_and_sampling_parameters(oai):
     base = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
     text = base.choices[0].message.content
