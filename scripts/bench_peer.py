@@ -100,6 +100,7 @@ def run_side(
                     "threads": args.threads,
                     "requests": [[r.prompt_ids, r.max_tokens] for r in reqs],
                     "warmup": [[r.prompt_ids, r.max_tokens] for r in warm],
+                    "engine_args": {"decode_path": args.decode_path},
                 }
             )
         )
@@ -194,6 +195,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=parse_range, default=(16, 256), help="MIN,MAX output tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of each side")
+    p.add_argument(
+        "--decode-path", default="compiled", choices=["compiled", "reference"],
+        help="this engine's pure-decode steps (EngineConfig.decode_path; compiled: torch.compile, the CPU's)",
+    )  # fmt: skip
     p.add_argument("--repeat", type=int, default=3, help="runs per level and side; medians reported")
     p.add_argument("--check", type=int, default=16, help="requests per level checked against transformers")
     p.add_argument(

@@ -105,9 +105,16 @@ def alone(tiny_ckpt, reqs) -> dict[str, list[int]]:
     return out
 
 
-def test_mixed_workload_equals_alone_and_transformers(tiny_ckpt, reqs, alone, reference):
-    engine = make_engine(tiny_ckpt, num_kv_blocks=40, max_num_batched_tokens=48, max_num_seqs=8)
+@pytest.mark.parametrize("decode_path", ["auto", "compiled"])
+def test_mixed_workload_equals_alone_and_transformers(tiny_ckpt, reqs, alone, reference, decode_path):
+    engine = make_engine(
+        tiny_ckpt, num_kv_blocks=40, max_num_batched_tokens=48, max_num_seqs=8, decode_path=decode_path
+    )
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled: all at start
     got = run(engine, reqs)
+    if decode_path == "compiled":
+        assert engine.runner.num_fixed_shape_steps > 0
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "compiled while serving"
     stats = engine.stats()
     assert stats["num_preemptions"] > 0, "the workload was meant to force preemption"
     assert stats["kv_blocks_free"] == 40 and stats["num_running"] == stats["num_waiting"] == 0

@@ -90,9 +90,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Pure-decode steps: "auto" (CUDA graphs where the fixed-shape kernels run on CUDA, else the
 # reference path), "reference" (host-planned attention, grouped MoE, as prefill), "cuda_graph"
 # (fixed shapes through the Triton kernels, replayed from CUDA graphs per batch-size bucket; the
-# reference path off CUDA), or "static" (the fixed-shape kernels eagerly: a test hook, which runs
-# on the CPU under TRITON_INTERPRET=1). Resolved once when the engine starts (execution.py).
-DecodePath = Literal["auto", "reference", "cuda_graph", "static"]
+# reference path off CUDA), "static" (the fixed-shape kernels eagerly: a test hook, which runs
+# on the CPU under TRITON_INTERPRET=1), or "compiled" (the CPU's: the same fixed shapes in plain
+# PyTorch through torch.compile, compiled at start; one rank, float experts, a C++ compiler).
+# Resolved once when the engine starts (execution.py).
+DecodePath = Literal["auto", "reference", "cuda_graph", "static", "compiled"]
 # Routed experts of prefill and mixed steps: "reference" (grouped) or "kernel" (the fused Triton
 # kernel of the decode path, at any token count; CUDA, or the interpreter in tests).
 MoEPath = Literal["reference", "kernel"]

@@ -11,8 +11,11 @@ step that fits it; the logits of the B rows are copied out and the n real ones r
 
 With `use_graphs=False` the same buffers, buckets and padding run eagerly: the fixed-shape path
 without graphs, which is what runs on the CPU (tests, under TRITON_INTERPRET=1) and what a graph
-replay is compared with (scripts/gpu_check.py). Prefill and mixed steps, and batches over the
-largest bucket, never come here: the model runner sends them down the reference path.
+replay is compared with (scripts/gpu_check.py). With `compiled` (the CPU's decode path) the kernels
+are kernels/torch_decode.py's and the step is compiled by torch.compile at start instead of
+captured, each step reading only its batch's block-table columns. Prefill and mixed steps, and
+batches over the largest bucket, never come here: the model runner sends them down the reference
+path.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ class DecodeBatch:
 
 class CudaGraphRunner:
     """Runs pure-decode batches of up to `max_batch_size` rows in fixed shapes (see the module
-    docstring): from CUDA graphs when `use_graphs`, else eagerly on the same static buffers."""
+    docstring): from CUDA graphs when `use_graphs`, compiled when `compiled`, else eagerly on the
+    same static buffers."""
 
     def __init__(
         self,
@@ -112,8 +116,13 @@ class CudaGraphRunner:
         max_blocks_per_seq: int,
         scratch_slot: int,
         use_graphs: bool,
+        compiled: bool = False,
     ):
         self.model, self.kv_caches = model, kv_caches
+        # compiled: plain-PyTorch kernels (kernels/torch_decode.py) through torch.compile, the CPU's
+        # counterpart of graphs; each step then reads only its batch's block-table columns
+        self.compiled = compiled
+        self.width = max_blocks_per_seq  # block-table columns the next forward reads
         self.device = model.device
         self.buckets = batch_buckets(max_batch_size)
         self.scratch_slot = scratch_slot
@@ -128,10 +137,15 @@ class CudaGraphRunner:
         self.seq_lens = torch.zeros(B, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: dict[int, torch.Tensor] = {}  # [b, vocab] fp32: each graph's output
+        if use_graphs and compiled:
+            raise ValueError("a decode runner replays CUDA graphs or runs compiled, not both")
         if use_graphs:
             if dev.type != "cuda":
                 raise ValueError(f"CUDA graphs need a CUDA device, not {dev}")
             self.capture()
+        self._compiled_forward = _compile(self._forward_rows) if compiled else None
+        if compiled:
+            self.compile()
 
     @property
     def max_batch_size(self) -> int:
@@ -143,14 +157,54 @@ class CudaGraphRunner:
 
     def _forward(self, b: int) -> torch.Tensor:
         """The fixed-shape forward of the first b rows of the static inputs -> logits [b, vocab] fp32."""
-        meta = DecodeMetadata(
-            slot_mapping=self.slot_mapping[:b],
-            block_tables=self.block_tables[:b],
-            seq_lens=self.seq_lens[:b],
-            num_splits=self.num_splits[b],
+        if self.compiled:
+            rows = (self.input_ids[:b], self.positions[:b], self.slot_mapping[:b], self.seq_lens[:b])
+            tables = self.block_tables[:b, : self.width]
+            # symbolic: the rows (past one) and the table's width; static: the cache and the model
+            for t in rows:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(tables, 0)
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
+            with torch.no_grad():
+                return self._compiled_forward(*rows[:3], tables, rows[3])
+        return self._forward_rows(
+            self.input_ids[:b],
+            self.positions[:b],
+            self.slot_mapping[:b],
+            self.block_tables[:b],
+            self.seq_lens[:b],
         )
-        hidden = self.model(self.input_ids[:b], self.positions[:b], meta, self.kv_caches)
+
+    def _forward_rows(self, input_ids, positions, slot_mapping, block_tables, seq_lens) -> torch.Tensor:
+        """The forward of these rows -> logits [rows, vocab] fp32 (what torch.compile traces)."""
+        meta = DecodeMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            num_splits=1
+            if self.compiled
+            else self.num_splits[input_ids.shape[0]],  # compiled: no branch on b
+            torch_kernels=self.compiled,
+        )
+        if self.compiled:  # traced without inference mode: inductor cannot mutate the cache inside it
+            hidden = Llama4Model.forward.__wrapped__(self.model, input_ids, positions, meta, self.kv_caches)
+            return Llama4Model.compute_logits.__wrapped__(self.model, hidden)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
         return self.model.compute_logits(hidden)
+
+    def compile(self) -> None:
+        """Compile every graph a step can need before the first request: one row, and two rows or
+        more (one graph: the rows are symbolic), each with a symbolic table width. Run on padding
+        rows only, which write nothing but the scratch slot. A width is never 1 (`_load`), and
+        differs from the rows here, so neither is specialised to 1 or to the other."""
+        self.input_ids.zero_()
+        self.positions.zero_()
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.seq_lens.zero_()
+        for b in self.buckets[:2]:
+            self.width = min(b + 1, self.block_tables.shape[1])
+            self._forward(b)
+        log.info("compiled the decode step for batch sizes %s", self.buckets)
 
     def capture(self) -> None:
         """One graph per bucket, largest first, all in one memory pool (a smaller graph reuses the
@@ -187,6 +241,9 @@ class CudaGraphRunner:
         self.slot_mapping[:b].copy_(torch.from_numpy(batch.slot_mapping))
         self.block_tables[:b, :width].copy_(torch.from_numpy(batch.block_tables))
         self.seq_lens[:b].copy_(torch.from_numpy(batch.seq_lens))
+        # compiled: at least 2 columns (a width of 1 would be a graph of its own); the extra column
+        # holds an older entry, which the kernel masks
+        self.width = max(width, min(2, self.block_tables.shape[1]))
 
     def run(self, batch: DecodeBatch) -> torch.Tensor:
         """Logits [n, vocab] fp32 of the batch's n rows (n <= max_batch_size)."""
@@ -201,3 +258,13 @@ class CudaGraphRunner:
         else:
             logits = self._forward(b)
         return logits[:n].clone()
+
+
+def _compile(fn):
+    """torch.compile for the decode step (the caller marks which sizes are symbolic: one graph for
+    every bucket of two rows or more and every block-table width, one for a single row), with no
+    guards on the model's modules, which never change while it serves: checking them cost more per
+    step than the model's own kernels at one sequence."""
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
+    options = {"guard_filter_fn": skip} if skip is not None else None
+    return torch.compile(fn, options=options)

@@ -1,5 +1,6 @@
 """How the engine executes, decided once at start: the settings' `decode_path` and `moe_path`
-("auto" among them) become the concrete choices the model runner follows.
+("auto" among them) become the concrete choices the model runner follows. "compiled" (opt-in, the
+CPU's fast decode path: engine/cuda_graph.py) is never what "auto" picks yet.
 
 An explicit choice that cannot run here fails the start with the reason; "auto" and
 "cuda_graph" off CUDA fall back to the reference path (with one log line saying why), because the
@@ -24,15 +25,23 @@ class ExecutionModes:
     fixed_shape_decode: bool = False  # pure-decode steps through the fixed-shape Triton kernels
     cuda_graphs: bool = False  # ... replayed from CUDA graphs (only with fixed_shape_decode)
     moe_kernel: bool = False  # routed experts of prefill and mixed steps through the fused kernel
+    # ... or in plain PyTorch through torch.compile (the CPU's; only with fixed_shape_decode)
+    compiled: bool = False
 
     def __post_init__(self) -> None:
-        if self.cuda_graphs and not self.fixed_shape_decode:
-            raise ValueError("cuda_graphs replay the fixed-shape decode path: set fixed_shape_decode too")
+        if (self.cuda_graphs or self.compiled) and not self.fixed_shape_decode:
+            raise ValueError(
+                "cuda_graphs and compiled run the fixed-shape decode path: set fixed_shape_decode"
+            )
+        if self.cuda_graphs and self.compiled:
+            raise ValueError("the fixed-shape decode path runs from CUDA graphs or compiled, not both")
 
     @property
     def decode(self) -> str:
-        """The decode path in the settings' words: "cuda_graph", "static" or "reference"."""
-        return "cuda_graph" if self.cuda_graphs else "static" if self.fixed_shape_decode else "reference"
+        """The decode path in the settings' words: "cuda_graph", "compiled", "static" or "reference"."""
+        if self.cuda_graphs or self.compiled:
+            return "cuda_graph" if self.cuda_graphs else "compiled"
+        return "static" if self.fixed_shape_decode else "reference"
 
 
 REFERENCE = ExecutionModes()  # every step through the reference forward
@@ -57,11 +66,29 @@ def fixed_shape_unsupported(device: torch.device, block_size: int, head_dim: int
     return None
 
 
+def compiled_unsupported(device: torch.device, tensor_parallel_size: int) -> str | None:
+    """Why the compiled decode path (torch.compile of the plain-PyTorch kernels) cannot run here, or None."""
+    if device.type != "cpu":
+        return f"it is the CPU's decode path (CUDA replays graphs: 'cuda_graph'); the device is {device}"
+    if tensor_parallel_size > 1:
+        return f"it runs one rank (tensor_parallel_size is {tensor_parallel_size})"
+    return None
+
+
 def resolve_modes(
-    decode_path: DecodePath, moe_path: MoEPath, device: torch.device, block_size: int, head_dim: int
+    decode_path: DecodePath,
+    moe_path: MoEPath,
+    device: torch.device,
+    block_size: int,
+    head_dim: int,
+    tensor_parallel_size: int = 1,
 ) -> ExecutionModes:
     if moe_path == "kernel" and (why_not := kernels_missing(device)):
         raise ValueError(f"moe_path 'kernel': {why_not}")
+    if decode_path == "compiled":
+        if why_not := compiled_unsupported(device, tensor_parallel_size):
+            raise ValueError(f"decode_path 'compiled': {why_not}")
+        return ExecutionModes(fixed_shape_decode=True, compiled=True, moe_kernel=moe_path == "kernel")
     cuda = device.type == "cuda"
     if decode_path == "auto":
         why_not = fixed_shape_unsupported(device, block_size, head_dim) if cuda else "no CUDA"

@@ -88,7 +88,12 @@ class LLMEngine:
         if self.device.type == "cuda":
             _check_fits_gpus(model_config, config, self.device)
         self.modes = resolve_modes(
-            config.decode_path, config.moe_path, self.device, config.block_size, model_config.text.head_dim
+            config.decode_path,
+            config.moe_path,
+            self.device,
+            config.block_size,
+            model_config.text.head_dim,
+            config.tensor_parallel_size,
         )
         self.rank_failure: str | None = None
         self.ranks: TensorParallelRanks | None = None

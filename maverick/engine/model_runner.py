@@ -115,6 +115,7 @@ class ModelRunner:
                 max_blocks_per_seq=min(-(-max_len // block_size), num_blocks),
                 scratch_slot=self.scratch_slot,
                 use_graphs=modes.cuda_graphs,
+                compiled=modes.compiled,
             )
             if modes.fixed_shape_decode
             else None

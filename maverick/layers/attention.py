@@ -174,6 +174,9 @@ class DecodeMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32; entries past a sequence's blocks are never read
     seq_lens: torch.Tensor  # [B] int32: tokens in the cache after this step; 0 = padding row
     num_splits: int = 1  # programs sharing one sequence's keys (flash-decoding), see paged_decode_attention
+    # the same contracts in plain PyTorch (kernels/torch_decode.py: the CPU's compiled decode) instead
+    # of the Triton kernels; block_tables then holds the batch's columns only (they are all read)
+    torch_kernels: bool = False
 
     def real_rows(self) -> torch.Tensor:
         """[B] bool: rows that are not padding."""

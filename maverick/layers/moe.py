@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maverick.kernels import torch_decode
 from maverick.kernels.moe import fused_moe
 from maverick.layers.fp8 import FP8_DTYPE, fp8_linear
 from maverick.layers.mlp import MLP
@@ -78,11 +79,19 @@ class RoutedExperts(nn.Module):
             out[rows] = fp8_linear(h[rows], self.w2[e], self.w2_scale[e], amax[rows])
         return out
 
-    def forward_fixed_shape(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def forward_fixed_shape(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, torch_kernels: bool = False
+    ) -> torch.Tensor:
         """x [T, H], expert_ids [T] -> [T, H] through the Triton kernel: fixed shapes, no host sync
         (graph-capturable). Rows whose id is outside [0, E) are skipped (zeros). FP8 weights are
         dequantised in the kernel with the activations left unquantised: this differs from
-        `forward`'s FP8 path (per-token e4m3 activations through `_scaled_mm`) by that rounding."""
+        `forward`'s FP8 path (per-token e4m3 activations through `_scaled_mm`) by that rounding.
+        `torch_kernels`: float experts in plain PyTorch instead (kernels/torch_decode.py, what a
+        compiled CPU graph runs)."""
+        if torch_kernels:
+            if self.fp8:
+                raise ValueError("the compiled decode path runs float experts only (experts='dequant')")
+            return torch_decode.routed_experts(x, expert_ids, self.w13, self.w2)
         if self.fp8:
             return fused_moe(x, expert_ids, self.w13, self.w2, self.w13_scale, self.w2_scale)
         return fused_moe(x, expert_ids, self.w13, self.w2)
@@ -140,7 +149,11 @@ class MoE(nn.Module):
         self.kernel = False
 
     def forward(
-        self, x: torch.Tensor, fixed_shape: bool = False, real_rows: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        fixed_shape: bool = False,
+        real_rows: torch.Tensor | None = None,
+        torch_kernels: bool = False,
     ) -> torch.Tensor:
         """x [T, H] -> [T, H]. fixed_shape: routed experts through the graph-capturable kernel,
         skipping the rows where real_rows [T] bool is False (padding of a graph batch). With
@@ -149,7 +162,7 @@ class MoE(nn.Module):
         if fixed_shape or self.kernel:
             if real_rows is not None:
                 expert_ids = torch.where(real_rows, expert_ids, self.experts.num_experts)  # E: skipped
-            routed = self.experts.forward_fixed_shape(x * scores[:, None], expert_ids)
+            routed = self.experts.forward_fixed_shape(x * scores[:, None], expert_ids, torch_kernels)
         else:
             routed = self.experts(x * scores[:, None], expert_ids)
         return self.tp.all_reduce(self.shared_expert(x) + routed)

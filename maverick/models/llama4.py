@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from maverick.config import ModelConfig, TextConfig
+from maverick.kernels import torch_decode
 from maverick.kernels.paged_attention import paged_decode_attention
 from maverick.layers.attention import (
     AttentionMetadata,
@@ -84,7 +85,11 @@ class TextAttention(nn.Module):
             q = (q * tables.q_scale).to(q.dtype)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        if isinstance(meta, DecodeMetadata):
+        if isinstance(meta, DecodeMetadata) and meta.torch_kernels:
+            o = torch_decode.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, self.chunk_size
+            )  # [T, heads, head_dim]
+        elif isinstance(meta, DecodeMetadata):
             o = paged_decode_attention(
                 q,
                 k_cache,
@@ -120,7 +125,9 @@ class DecoderLayer(nn.Module):
         h_norm = self.post_attention_layernorm(h)
         if isinstance(self.feed_forward, MoE) and isinstance(meta, DecodeMetadata):
             # fixed-shape routed experts; padding rows are skipped
-            return h + self.feed_forward(h_norm, fixed_shape=True, real_rows=meta.real_rows())
+            return h + self.feed_forward(
+                h_norm, fixed_shape=True, real_rows=meta.real_rows(), torch_kernels=meta.torch_kernels
+            )
         return h + self.feed_forward(h_norm)
 
 
