@@ -113,7 +113,7 @@ def test_mixed_workload_equals_alone_and_transformers(tiny_ckpt, reqs, alone, re
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled: all at start
     got = run(engine, reqs)
     if decode_path == "compiled":
-        assert engine.runner.num_fixed_shape_steps > 0
+        assert engine.runner.num_fixed_shape_steps > 0 and engine.runner.num_split_steps > 0
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "compiled while serving"
     stats = engine.stats()
     assert stats["num_preemptions"] > 0, "the workload was meant to force preemption"

@@ -27,6 +27,9 @@ class ExecutionModes:
     moe_kernel: bool = False  # routed experts of prefill and mixed steps through the fused kernel
     # ... or in plain PyTorch through torch.compile (the CPU's; only with fixed_shape_decode)
     compiled: bool = False
+    # the decodes of a mixed step (prefill chunks among them) on the fixed-shape path too, the rest
+    # on the reference path: two forwards
+    split_mixed: bool = False
 
     def __post_init__(self) -> None:
         if (self.cuda_graphs or self.compiled) and not self.fixed_shape_decode:
@@ -88,7 +91,9 @@ def resolve_modes(
     if decode_path == "compiled":
         if why_not := compiled_unsupported(device, tensor_parallel_size):
             raise ValueError(f"decode_path 'compiled': {why_not}")
-        return ExecutionModes(fixed_shape_decode=True, compiled=True, moe_kernel=moe_path == "kernel")
+        return ExecutionModes(
+            fixed_shape_decode=True, compiled=True, moe_kernel=moe_path == "kernel", split_mixed=True
+        )
     cuda = device.type == "cuda"
     if decode_path == "auto":
         why_not = fixed_shape_unsupported(device, block_size, head_dim) if cuda else "no CUDA"

@@ -7,8 +7,10 @@ encoded once, when its first patch enters a chunk, and dropped when its last one
 
 Pure-decode steps (one text token per sequence, at most `max_num_seqs` of them) run in fixed
 shapes through `CudaGraphRunner` when `modes.fixed_shape_decode` (eagerly, or replayed from CUDA
-graphs with `modes.cuda_graphs`); every other step takes the reference forward (host-planned
-attention, grouped MoE), its routed experts through the fused kernel with `modes.moe_kernel`.
+graphs with `modes.cuda_graphs`, compiled with `modes.compiled`); with `modes.split_mixed` a
+mixed step's decodes go that way too and its other rows take the reference forward (host-planned
+attention, grouped MoE), as every other step does, its routed experts through the fused kernel
+with `modes.moe_kernel`.
 The engine decides the modes once at start (execution.py).
 The cache has one block more than the block manager hands out: the scratch block where the padding
 rows of a fixed-shape batch write their K/V.
@@ -122,6 +124,7 @@ class ModelRunner:
         )
         self.num_reference_steps = 0
         self.num_fixed_shape_steps = 0
+        self.num_split_steps = 0  # mixed steps run as a fixed-shape and a reference forward
 
     @staticmethod
     def kv_bytes_per_block(model: Llama4Model, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
@@ -183,6 +186,30 @@ class ModelRunner:
         """Run one step. Returns fp32 logits [N, vocab] for the sequences that sample, and those sequences."""
         if self.decode_runner is not None and self.is_fixed_shape_decode(sched):
             return self._execute_decode(sched)
+        if self.decode_runner is not None and self.modes.split_mixed:
+            decodes, others = self._split(sched)
+            if decodes.seqs and others.seqs:
+                self.num_split_steps += 1
+                # a mixed step as two forwards: its decodes in fixed shapes, the rest on the reference
+                # path (the sequences share nothing: each reads and writes its own cache blocks)
+                decode_logits, decode_seqs = self._execute_decode(decodes)
+                logits, seqs = self._execute_reference(others)
+                return torch.cat([decode_logits, logits]), decode_seqs + seqs
+        return self._execute_reference(sched)
+
+    def _split(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, SchedulerOutput]:
+        """The step's one-token text rows (what the decode runner takes, up to its largest bucket)
+        and the rest."""
+        decodes, others = SchedulerOutput(), SchedulerOutput()
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            a, b = seq.image_rows(seq.num_computed_tokens, seq.num_computed_tokens + n)
+            fits = n == 1 and b <= a and len(decodes.seqs) < self.decode_runner.max_batch_size
+            part = decodes if fits else others
+            part.seqs.append(seq)
+            part.num_new_tokens.append(n)
+        return decodes, others
+
+    def _execute_reference(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         self.num_reference_steps += 1
         step, sample_seqs = self.prepare(sched)
         if self.peers is not None:
