@@ -260,11 +260,29 @@ class CudaGraphRunner:
         return logits[:n].clone()
 
 
+ARGUMENTS = ("input_ids", "positions", "slot_mapping", "block_tables", "seq_lens")  # _forward_rows'
+
+
+def _arguments_only(entries) -> list[bool]:
+    """Guards to keep: those on the step's tensors (which graph fits their sizes) and on the
+    relations between their symbolic sizes. Not those on the model, the cache and the runner,
+    which never change while the engine serves: checking them cost more per step than the model's
+    own kernels at one sequence."""
+    return [e.guard_type == "SHAPE_ENV" or _root(e.name) in ARGUMENTS for e in entries]
+
+
+def _root(name: str) -> str:
+    """The local a guard's source starts from: "seq_lens", "L['seq_lens']" -> "seq_lens"."""
+    name = name.removeprefix("L['").split("'")[0]
+    return name.split(".")[0].split("[")[0]
+
+
 def _compile(fn):
     """torch.compile for the decode step (the caller marks which sizes are symbolic: one graph for
-    every bucket of two rows or more and every block-table width, one for a single row), with no
-    guards on the model's modules, which never change while it serves: checking them cost more per
-    step than the model's own kernels at one sequence."""
-    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)  # torch >= 2.8
-    options = {"guard_filter_fn": skip} if skip is not None else None
-    return torch.compile(fn, options=options)
+    every bucket of two rows or more and every block-table width, one for a single row), guarded
+    on its arguments only (`_arguments_only`; torch >= 2.8, else every guard stays)."""
+    try:
+        from torch._dynamo.types import GuardFilterEntry  # noqa: F401 - the filter's API exists
+    except ImportError:
+        return torch.compile(fn)
+    return torch.compile(fn, options={"guard_filter_fn": _arguments_only})
