@@ -25,11 +25,9 @@ class ExecutionModes:
     fixed_shape_decode: bool = False  # pure-decode steps through the fixed-shape Triton kernels
     cuda_graphs: bool = False  # ... replayed from CUDA graphs (only with fixed_shape_decode)
     moe_kernel: bool = False  # routed experts of prefill and mixed steps through the fused kernel
-    # ... or in plain PyTorch through torch.compile (the CPU's; only with fixed_shape_decode)
+    # ... or in plain PyTorch through torch.compile (the CPU's; only with fixed_shape_decode), which
+    # also runs a mixed step's decodes (model_runner.py)
     compiled: bool = False
-    # the decodes of a mixed step (prefill chunks among them) on the fixed-shape path too, the rest
-    # on the reference path: two forwards
-    split_mixed: bool = False
 
     def __post_init__(self) -> None:
         if (self.cuda_graphs or self.compiled) and not self.fixed_shape_decode:
@@ -91,9 +89,7 @@ def resolve_modes(
     if decode_path == "compiled":
         if why_not := compiled_unsupported(device, tensor_parallel_size):
             raise ValueError(f"decode_path 'compiled': {why_not}")
-        return ExecutionModes(
-            fixed_shape_decode=True, compiled=True, moe_kernel=moe_path == "kernel", split_mixed=True
-        )
+        return ExecutionModes(fixed_shape_decode=True, compiled=True, moe_kernel=moe_path == "kernel")
     cuda = device.type == "cuda"
     if decode_path == "auto":
         why_not = fixed_shape_unsupported(device, block_size, head_dim) if cuda else "no CUDA"

@@ -7,7 +7,7 @@ encoded once, when its first patch enters a chunk, and dropped when its last one
 
 Pure-decode steps (one text token per sequence, at most `max_num_seqs` of them) run in fixed
 shapes through `CudaGraphRunner` when `modes.fixed_shape_decode` (eagerly, or replayed from CUDA
-graphs with `modes.cuda_graphs`, compiled with `modes.compiled`); with `modes.split_mixed` a
+graphs with `modes.cuda_graphs`, compiled with `modes.compiled`); when compiled, a
 mixed step's decodes go that way too and its other rows take the reference forward (host-planned
 attention, grouped MoE), as every other step does, its routed experts through the fused kernel
 with `modes.moe_kernel`.
@@ -186,7 +186,7 @@ class ModelRunner:
         """Run one step. Returns fp32 logits [N, vocab] for the sequences that sample, and those sequences."""
         if self.decode_runner is not None and self.is_fixed_shape_decode(sched):
             return self._execute_decode(sched)
-        if self.decode_runner is not None and self.modes.split_mixed:
+        if self.decode_runner is not None and self.modes.compiled:  # measured on the CPU only
             decodes, others = self._split(sched)
             if decodes.seqs and others.seqs:
                 self.num_split_steps += 1
@@ -202,8 +202,7 @@ class ModelRunner:
         and the rest."""
         decodes, others = SchedulerOutput(), SchedulerOutput()
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            a, b = seq.image_rows(seq.num_computed_tokens, seq.num_computed_tokens + n)
-            fits = n == 1 and b <= a and len(decodes.seqs) < self.decode_runner.max_batch_size
+            fits = _one_text_token(seq, n) and len(decodes.seqs) < self.decode_runner.max_batch_size
             part = decodes if fits else others
             part.seqs.append(seq)
             part.num_new_tokens.append(n)
@@ -224,11 +223,7 @@ class ModelRunner:
         position, and no more sequences than its largest bucket."""
         if self.decode_runner is None or len(sched.seqs) > self.decode_runner.max_batch_size:
             return False
-        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            a, b = seq.image_rows(seq.num_computed_tokens, seq.num_computed_tokens + n)
-            if n != 1 or b > a:
-                return False
-        return True
+        return all(_one_text_token(seq, n) for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True))
 
     def prepare_decode(self, sched: SchedulerOutput) -> DecodeBatch:
         """The host-side inputs of a fixed-shape decode step, one row per sequence."""
@@ -289,6 +284,12 @@ class ModelRunner:
             for k in list(seq.image_embeds):
                 if seq.image_row_start[k + 1] <= b:
                     del seq.image_embeds[k]
+
+
+def _one_text_token(seq: Sequence, n: int) -> bool:
+    """Whether a sequence's n new tokens are one token that is not an image position."""
+    a, b = seq.image_rows(seq.num_computed_tokens, seq.num_computed_tokens + n)
+    return n == 1 and b <= a
 
 
 def _block_tables(seqs: list[Sequence]) -> np.ndarray:

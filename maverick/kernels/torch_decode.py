@@ -5,8 +5,9 @@ replays the Triton kernels on a GPU (engine/cuda_graph.py, decode_path "compiled
 Same contracts as `paged_attention.paged_decode_attention` and `moe.fused_moe`: fixed shapes, the
 window of each row computed from `seq_lens` on the device, padding rows (seq_len 0, expert id E)
 give zeros. The attention reads only the block-table columns it is given: the runner passes the
-batch's width, not the buffers'. Both are written as products and sums, not matmuls, so that
-inductor fuses the cache and expert-weight gathers into their reductions.
+batch's width, not the buffers'. The attention's two products are matmuls over the gathered keys
+(written as products and sums, inductor recomputed the scores inside the second reduction); the
+routed experts are products and sums over each row's gathered expert, which inductor fuses.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def paged_decode_attention(
     valid[:, 0] |= pos < 0  # a padding row sees one key, so its softmax stays finite
     blocks = block_tables.gather(1, block_idx.clamp(max=W - 1)).long()  # past-the-end: masked
     slots = (blocks[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)  # [B, K]
-    # products and sums rather than matmuls: inductor fuses the gathers into the reductions, so
-    # the keys and values are read from the cache in place, and no tiny GEMM is launched
+    # the keys and values of the window gathered, then two batched matmuls (see the module docstring)
     k = k_cache.view(-1, Hkv, D)[slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, K, D]
     v = v_cache.view(-1, Hkv, D)[slots].to(q.dtype).transpose(1, 2)
     qg = q.view(B, Hkv, H // Hkv, D)
