@@ -423,3 +423,65 @@ def test_aborting_a_request_whose_choices_wait_frees_everything(tiny_ckpt, reqs)
         assert all(o.request_id == "other" for o in engine.step())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     engine.block_manager.check_invariants([])
+
+
+def test_context_and_generation_logits_are_transformers_raw_logits(tiny_ckpt, reqs, reference):
+    """The prompt's logits (its prefill split into 3 chunks, the prompt already in the prefix cache)
+    and each sampled step's logits, under penalties and a bias that change the choice but not the
+    logits returned: transformers' fp32 logits, independently."""
+    prompt = reqs[5][1]  # 101 tokens
+    n = len(prompt.token_ids)
+    engine = make_engine(tiny_ckpt, max_num_batched_tokens=48, max_num_seqs=8)
+    _stream(engine, "warm", prompt, SamplingParams(max_tokens=1))  # its full blocks now cached
+    params = SamplingParams(
+        max_tokens=5,
+        temperature=0.7,
+        seed=1,
+        presence_penalty=1.0,
+        logit_bias={7: 5.0},
+        ignore_eos=True,
+        return_context_logits=True,
+        return_generation_logits=True,
+    )
+    outs = _stream(engine, "logits", prompt, params)
+    ids = [t for o in outs for t in o.token_ids]
+    assert [o.context_logits is not None for o in outs] == [True] + [False] * 4
+    assert outs[0].num_reused_blocks == 0 and outs[0].num_cached_tokens == 0  # computed whole
+    with torch.no_grad():
+        oracle = reference(input_ids=torch.tensor([prompt.token_ids + ids])).logits[0].float()  # [n + 5, V]
+    torch.testing.assert_close(torch.from_numpy(outs[0].context_logits), oracle[:n], atol=1e-4, rtol=0)
+    generation = np.concatenate([o.generation_logits for o in outs])  # [5, V]
+    torch.testing.assert_close(torch.from_numpy(generation), oracle[n - 1 : -1], atol=1e-4, rtol=0)
+    plain = _stream(
+        engine,
+        "plain",
+        prompt,
+        dataclasses.replace(params, return_context_logits=False, return_generation_logits=False),
+    )
+    assert [t for o in plain for t in o.token_ids] == ids  # asking for logits changes no choice
+    assert all(o.generation_logits is None and o.context_logits is None for o in plain)
+    assert plain[0].num_reused_blocks == (n - 1) // 16  # without context logits: from the cache
+
+
+def test_perf_metrics_count_blocks_and_time_each_phase(tiny_ckpt, reqs):
+    prompt = reqs[5][1]  # 101 tokens: 7 blocks of 16
+    engine = make_engine(tiny_ckpt)
+    first = _stream(engine, "first", prompt, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0))
+    again = _stream(engine, "again", prompt, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0))
+    # 112 tokens have K/V (the last one sampled never enters the cache): 7 blocks of 16
+    assert (first[-1].num_new_blocks, first[-1].num_reused_blocks) == (7, 0)
+    assert (again[-1].num_new_blocks, again[-1].num_reused_blocks) == (1, 6)  # 6 full prompt blocks reused
+    for outs in (first, again):
+        last = outs[-1]
+        assert last.arrival_time <= last.first_scheduled_time <= last.first_token_time <= last.token_times[-1]
+
+
+def test_logits_larger_than_the_limit_are_refused(tiny_ckpt, reqs, monkeypatch):
+    import maverick.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "MAX_LOGITS_BYTES", 100 * 4048 * 4)
+    engine = make_engine(tiny_ckpt)
+    prompt = reqs[5][1]  # 101 tokens
+    with pytest.raises(RequestError, match="return_context_logits / return_generation_logits"):
+        engine.add_request("big", prompt, SamplingParams(return_context_logits=True))
+    engine.add_request("fits", prompt, SamplingParams(max_tokens=99, return_generation_logits=True))

@@ -90,26 +90,31 @@ def _sometimes_odd(valid: st.SearchStrategy, odd: st.SearchStrategy) -> st.Searc
 
 
 @st.composite
-def request_json(draw) -> bytes:
+def request_json(draw, num_tokens: int, num_images: int) -> bytes:
     """The `request` tensor: a valid one with some fields replaced, or anything else."""
     meta = {
         "sampling": {"max_tokens": 4, "temperature": 0.0},
         "options": {"stream": False, "flow_control": False},
+        "num_tokens": num_tokens,
+        "num_images": num_images,
     }
     sampling_keys = [
         "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
         "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "stop_token_ids",
         "bad_words", "bad_words_ids", "ignore_eos", "include_stop_str_in_output", "logprobs", "surprise",
+        "return_context_logits", "return_generation_logits",
     ]  # fmt: skip
     option_keys = [
         "stream", "echo_text", "default_max_tokens", "flow_control", "return_num_input_tokens",
-        "return_num_output_tokens", "surprise",
+        "return_num_output_tokens", "surprise", "return_perf_metrics", "batch_index", "batch_size",
     ]  # fmt: skip
     for key in draw(st.lists(st.sampled_from(sampling_keys), max_size=4)):
         counts = key in ("max_tokens", "min_tokens")
         meta["sampling"][key] = draw(small_counts if counts else json_values)
     for key in draw(st.lists(st.sampled_from(option_keys), max_size=3)):
         meta["options"][key] = draw(json_values | st.booleans())
+    for key in draw(st.lists(st.sampled_from(["num_tokens", "num_images"]), max_size=1)):
+        meta[key] = draw(small_counts)
     kind = draw(
         _sometimes_odd(st.just("valid"), st.sampled_from(["mutated", "other json", "nested", "bytes"]))
     )
@@ -150,7 +155,7 @@ def direct_inputs(draw) -> list:
         _tensor("input_ids", np.array([ids], dtype=np.int32).reshape(1, -1), "INT32"),
         _tensor("pixel_values", np.full((1, n_tiles, *TILE), fill, dtype=np.float32), "FP32"),
         _tensor("image_tiles", np.array([tiles], dtype=np.int32).reshape(1, -1), "INT32"),
-        _tensor("request", np.array([[draw(request_json())]], dtype=object), "BYTES"),
+        _tensor("request", np.array([[draw(request_json(len(ids), len(tiles)))]], dtype=object), "BYTES"),
     ]
 
 

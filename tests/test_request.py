@@ -18,6 +18,7 @@ from maverick.serving.step_output import (
     RETURN_NUM_INPUT_TOKENS,
     RETURN_NUM_OUTPUT_TOKENS,
     RETURN_SEQUENCE_INDEX,
+    STREAMED,
 )
 from maverick.tokenizer import Tokenizer
 
@@ -47,9 +48,9 @@ def test_optional_outputs_asked_for_reach_the_step(tokenizer, flags, bits):
     req = parse_request(
         numpy_inputs({"text_input": "hi", "max_tokens": 3, "stream": True, **flags}), tokenizer
     )
-    assert req.returns == bits
-    back = from_tensors(to_tensors(req))
-    assert back.returns == bits and back.options == req.options and back.params == req.params
+    assert req.returns == bits | STREAMED  # STREAMED: how the step lays out logits, not an output
+    (back,) = from_tensors(to_tensors(req))
+    assert back.returns == bits | STREAMED and back.options == req.options and back.params == req.params
     assert back.prompt.token_ids == req.prompt.token_ids
 
 
@@ -71,13 +72,19 @@ def test_malformed_step_tensors_are_refused_as_bad_requests(tokenizer):
     deep = {**good, "request": np.array([[("[" * 100_000 + "]" * 100_000).encode()]], dtype=object)}
     with pytest.raises(InvalidRequest, match="nested too deeply"):
         from_tensors(deep)
+    meta = json.loads(good["request"][0, 0])
+    two_images = np.array([[json.dumps({**meta, "num_images": 2}).encode()]], dtype=object)
     odd = {
         **good,
+        "request": two_images,
         "image_tiles": np.array([[2, -1]], dtype=np.int32),
         "pixel_values": np.zeros((1, 1, 3, 2, 2), dtype=np.float32),
     }
     with pytest.raises(InvalidRequest, match="positive tile counts"):
         from_tensors(odd)
+    short = {**good, "request": np.array([[json.dumps({**meta, "num_tokens": 99}).encode()]], dtype=object)}
+    with pytest.raises(InvalidRequest, match="99 ids and 0 images do not fit"):
+        from_tensors(short)
 
 
 # -- what preprocessing does so that the engine loop does not: bounded, before the heavy work ----
@@ -95,7 +102,7 @@ def test_bad_words_reach_the_engine_as_token_ids(tokenizer):
     req = parse_request(numpy_inputs({"text_input": "hi", "bad_words": ["cat", " dog"]}), tokenizer)
     assert req.params.bad_words == ()  # nothing left for the engine loop to tokenize
     assert req.params.bad_words_ids == tuple(map(tuple, tokenizer.bad_words_ids(["cat", " dog"])))
-    assert from_tensors(to_tensors(req)).params == req.params
+    assert from_tensors(to_tensors(req))[0].params == req.params
 
 
 @pytest.mark.parametrize(
@@ -178,7 +185,7 @@ def test_log_probs_choices_and_logit_bias_reach_the_step(tokenizer):
     assert (req.params.logprobs, req.params.top_logprobs, req.params.n) == (True, 4, 3)
     assert req.params.logit_bias == ((3, -100.0), (17, 2.5))
     assert req.returns == RETURN_LOG_PROBS | RETURN_SEQUENCE_INDEX
-    back = from_tensors(to_tensors(req))
+    (back,) = from_tensors(to_tensors(req))
     assert back.params == req.params and back.returns == req.returns
     one = parse_request(numpy_inputs({**fields, "num_return_sequences": 1}), tokenizer)
     assert one.returns == RETURN_LOG_PROBS  # sequence_index only where there are several choices

@@ -108,3 +108,25 @@ def test_top_log_probs_sequence_index_and_cumulative_round_trip():
     with pytest.raises(ValueError, match="must be"):  # a row per log-prob'd token, or none
         StepOutput(b"", np.zeros(1, np.int32), b"", 1, np.zeros(1, np.float32), b"r",
                    top_log_probs=top, top_log_prob_ids=top_ids).to_array()  # fmt: skip
+
+
+def test_batch_index_perf_metrics_and_logits_round_trip():
+    rng = np.random.default_rng(0)
+    ctx, gen = rng.standard_normal((5, 11), np.float32), rng.standard_normal((2, 11), np.float32)
+    perf = (3, 4, 3, 10**15, 10**15 + 1, 2**62, 2**63 - 1)
+    step = StepOutput(
+        b"ab", np.array([1, 2], np.int32), b"", 5, np.zeros(0, np.float32), b"h",
+        batch_index=2, perf_metrics=perf, context_logits=ctx, generation_logits=gen,
+    )  # fmt: skip
+    back = StepOutput.from_array(step.to_array())
+    assert back.batch_index == 2 and back.perf_metrics == perf and back.text == b"ab"
+    assert np.array_equal(back.context_logits, ctx) and np.array_equal(back.generation_logits, gen)
+    only_gen = StepOutput.from_array(
+        StepOutput(
+            b"", np.zeros(0, np.int32), b"", 1, np.zeros(0, np.float32), b"h", generation_logits=gen
+        ).to_array()
+    )
+    assert only_gen.context_logits.shape == (0, 11) and np.array_equal(only_gen.generation_logits, gen)
+    with pytest.raises(ValueError, match="one vocab"):
+        StepOutput(b"", np.zeros(0, np.int32), b"", 1, np.zeros(0, np.float32), b"h",
+                   context_logits=ctx, generation_logits=gen[:, :3]).to_array()  # fmt: skip

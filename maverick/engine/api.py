@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 from maverick.checkpoint import ExpertMode
@@ -83,6 +84,17 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # monotonic time of each new token
+    first_scheduled_time: float | None = None  # monotonic: when its first tokens were scheduled
+    last_token_time: float | None = None  # monotonic: of its latest token (this update's or before)
+    # KV blocks this choice was given: newly allocated (recomputation after preemption included),
+    # and taken from the prefix cache
+    num_new_blocks: int = 0
+    num_reused_blocks: int = 0
+    # with return_context_logits: the prompt's raw logits [prompt tokens, vocab] fp32, in the
+    # choice's first update only; with return_generation_logits: each new token's step's raw
+    # logits [n, vocab] fp32 (before bias, penalties and temperature)
+    context_logits: np.ndarray | None = None
+    generation_logits: np.ndarray | None = None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

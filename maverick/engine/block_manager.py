@@ -73,8 +73,8 @@ class BlockManager:
     def computed_blocks(self, seq: Sequence) -> list[int]:
         """The longest run of cached blocks matching seq's leading tokens. At least one token is
         always left to compute (the model must produce logits), so a full hit drops its last block."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.params.return_context_logits:
+            return []  # the prompt's logits are asked for: every position is computed
         hits = []
         for h in self.block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
             b = self.cached.get(h)
@@ -97,6 +97,8 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 del self.free[b]
             self.ref_counts[b] += 1
+        seq.num_new_blocks += new
+        seq.num_reused_blocks += len(computed)
         if computed:
             seq.block_table.extend(computed)
             seq.num_computed_tokens += len(computed) * self.block_size

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # generation_tokens_per_s in stats() is measured over the steps of this many recent seconds
 RATE_WINDOW_S = 5.0
+# Logits a request may ask for (context + generation, fp32): 256 MiB is ~330 tokens of Llama 4's
+# 202,048-token vocabulary; more would be one response too large to pass through Triton in one go
+MAX_LOGITS_BYTES = 256 << 20
 
 
 def stats_as_of(stats: dict[str, float], taken_at: float) -> dict[str, float]:
@@ -61,11 +65,21 @@ def _check_fits_gpus(model_config: ModelConfig, config: EngineConfig, device: to
 
 @dataclass
 class _Logprobs:
-    """The log-probs of an output's new tokens (a request that asked for them)."""
+    """The log-probs and raw logits of an output's new tokens (a request that asked for them)."""
 
     logprobs: list[float] | None = None  # [n]
     top_token_ids: list[list[int]] | None = None  # [n, top_logprobs]
     top_logprobs: list[list[float]] | None = None  # [n, top_logprobs]
+    generation_logits: np.ndarray | None = None  # [n, vocab] raw
+
+
+def _generation_logits(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, np.ndarray]:
+    """{row: raw logits [vocab]} of the sampled rows whose requests asked for them (one copy)."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.return_generation_logits]
+    if not rows:
+        return {}
+    raw = logits[torch.tensor(rows, device=logits.device)].float().cpu().numpy()
+    return dict(zip(rows, raw, strict=True))
 
 
 @dataclass
@@ -198,6 +212,7 @@ class LLMEngine:
                 f"max_tokens={params.max_tokens} plus the prompt's {len(ids)} tokens exceed the model's "
                 f"context of {self.max_model_len} tokens"
             )
+        self._check_logits_size(len(ids), params)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if len(ids) + 1 > capacity:
             raise RequestError(f"the prompt has {len(ids)} tokens but the KV cache holds {capacity} in all")
@@ -217,6 +232,17 @@ class LLMEngine:
             ]
         except ValueError as e:
             raise RequestError(str(e)) from None
+
+    def _check_logits_size(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        rows = num_prompt_tokens * params.return_context_logits
+        rows += params.n * params.max_tokens * params.return_generation_logits
+        size = rows * self.vocab_size * 4  # fp32
+        if size > MAX_LOGITS_BYTES:
+            raise RequestError(
+                f"the logits asked for (return_context_logits / return_generation_logits) would be "
+                f"{size / 2**20:.0f} MiB ({rows} rows of {self.vocab_size} fp32 values); at most "
+                f"{MAX_LOGITS_BYTES >> 20} MiB per request: lower max_tokens or the prompt's length"
+            )
 
     def _sequence(self, request_id, index, prompt, params, bad_words_ids, arrival) -> Sequence:
         output_ids: list[int] = []  # shared by the sequence and its sampling state
@@ -328,15 +354,22 @@ class LLMEngine:
                 outputs.append(self._finish_output(seq, [], ""))
             return outputs
         now = time.monotonic()
+        raw = _generation_logits(logits, sample_seqs)
         for i, (seq, token) in enumerate(zip(sample_seqs, sampled.token_ids, strict=True)):
-            outputs.append(self._append_token(seq, token, sampled, i, now))
+            outputs.append(self._append_token(seq, token, sampled, i, now, raw.get(i)))
         self._token_marks.append((now, self.num_generated_tokens))
         while now - self._token_marks[0][0] > RATE_WINDOW_S:
             self._token_marks.popleft()
         return outputs
 
     def _append_token(
-        self, seq: Sequence, token: int, sampled: SamplerOutput, row: int, now: float
+        self,
+        seq: Sequence,
+        token: int,
+        sampled: SamplerOutput,
+        row: int,
+        now: float,
+        raw_logits: np.ndarray | None = None,
     ) -> RequestOutput:
         seq.output_token_ids.append(token)
         seq.token_times.append(now)
@@ -366,6 +399,9 @@ class LLMEngine:
             if p.top_logprobs:
                 lps.top_token_ids = [sampled.top_token_ids[row]]
                 lps.top_logprobs = [sampled.top_logprobs[row]]
+        if raw_logits is not None:
+            lps = lps or _Logprobs()
+            lps.generation_logits = raw_logits[None]
         if reason is not None:
             self.scheduler.finish(seq, reason)
             return self._finish_output(seq, [token], text, lps)
@@ -395,6 +431,14 @@ class LLMEngine:
     def _output(self, seq, token_ids, text, lps: _Logprobs | None = None, finished=False) -> RequestOutput:
         new_times = seq.token_times[-len(token_ids) :] if token_ids else []
         lps = lps or _Logprobs()
+        context = None
+        if (
+            seq.context_logits
+            and not seq.context_logits_sent
+            and seq.num_context_logits == seq.num_prompt_tokens
+        ):
+            context = torch.cat(seq.context_logits).numpy()  # [prompt, vocab]
+            seq.context_logits, seq.context_logits_sent = [], True
         return RequestOutput(
             request_id=seq.request_id,
             index=seq.index,
@@ -413,6 +457,12 @@ class LLMEngine:
             arrival_time=seq.arrival_time,
             first_token_time=seq.first_token_time,
             token_times=new_times,
+            first_scheduled_time=seq.first_scheduled_time,
+            last_token_time=seq.token_times[-1] if seq.token_times else None,
+            num_new_blocks=seq.num_new_blocks,
+            num_reused_blocks=seq.num_reused_blocks,
+            context_logits=context,
+            generation_logits=lps.generation_logits,
         )
 
     def _finish_output(self, seq, token_ids, text, lps: _Logprobs | None = None) -> RequestOutput:

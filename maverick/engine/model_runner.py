@@ -51,6 +51,8 @@ class ForwardStep:
     )  # [P, hidden] for the prompt <|patch|> tokens, in order (rank 0's device)
     image_mask: np.ndarray | None  # [T] bool: where those P rows go
     sample_indices: torch.Tensor  # [N] int64, host: rows of the flat batch whose logits are sampled
+    # [C] int64, host: rows whose logits a request asked for (return_context_logits), after those
+    context_indices: torch.Tensor | None = None
 
     def for_peers(self) -> ForwardStep:
         """The same step with its image rows on the host, to pickle for the other ranks."""
@@ -59,7 +61,8 @@ class ForwardStep:
         return dataclasses.replace(self, image_embeds=self.image_embeds.cpu())
 
     def run(self, model: Llama4Model, kv_caches: list) -> torch.Tensor:
-        """The forward on this rank's shard; fp32 logits [N, vocab] of the sampled rows."""
+        """The forward on this rank's shard; fp32 logits [N + C, vocab] of the sampled rows, then of
+        the context-logit rows."""
         dev = model.device
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping.to(dev),
@@ -77,7 +80,10 @@ class ForwardStep:
             None if self.image_embeds is None else self.image_embeds.to(dev),
             None if self.image_mask is None else torch.from_numpy(self.image_mask).to(dev),
         )
-        return model.compute_logits(hidden[self.sample_indices.to(dev)])
+        rows = self.sample_indices
+        if self.context_indices is not None:
+            rows = torch.cat([rows, self.context_indices])
+        return model.compute_logits(hidden[rows.to(dev)])
 
 
 class Peers(Protocol):
@@ -131,8 +137,11 @@ class ModelRunner:
         itemsize = (kv_dtype or model.dtype).itemsize  # the planner's arithmetic, on this rank
         return block_size * kv_bytes_per_token(model.config.text, model.tp.size, itemsize)
 
-    def prepare(self, sched: SchedulerOutput) -> tuple[ForwardStep, list[Sequence]]:
-        """The step's host-side inputs, and the sequences that sample (reach their last token)."""
+    def prepare(
+        self, sched: SchedulerOutput
+    ) -> tuple[ForwardStep, list[Sequence], list[tuple[Sequence, int]]]:
+        """The step's host-side inputs, the sequences that sample (reach their last token), and the
+        sequences given context-logit rows with how many (in the step's order)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -142,6 +151,8 @@ class ModelRunner:
         image_rows: list[torch.Tensor] = []
         patch_spans: list[tuple[int, np.ndarray]] = []  # (first row, which rows are patches)
         seq_lens: list[int] = []
+        context_rows: list[int] = []
+        context_seqs: list[tuple[Sequence, int]] = []
         self._encode_images(sched)
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -155,6 +166,11 @@ class ModelRunner:
                 positions += pos.tolist()
                 slots += (np.asarray(seq.block_table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist()
             seq_lens.append(end)
+            if seq.params.return_context_logits and seq.num_context_logits < min(end, seq.num_prompt_tokens):
+                a, b = max(start, seq.num_context_logits), min(end, seq.num_prompt_tokens)
+                first = len(ids) - n  # this chunk's first row
+                context_rows += range(first + a - start, first + b - start)
+                context_seqs.append((seq, b - a))
             if seq.images:
                 a, b = seq.image_rows(start, end)
                 if b > a:
@@ -179,8 +195,9 @@ class ModelRunner:
             image_embeds=torch.cat(image_rows) if image_rows else None,
             image_mask=image_mask,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long),
+            context_indices=torch.tensor(context_rows, dtype=torch.long) if context_rows else None,
         )
-        return step, sample_seqs
+        return step, sample_seqs, context_seqs
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step. Returns fp32 logits [N, vocab] for the sequences that sample, and those sequences."""
@@ -202,7 +219,7 @@ class ModelRunner:
         and the rest."""
         decodes, others = SchedulerOutput(), SchedulerOutput()
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            fits = _one_text_token(seq, n) and len(decodes.seqs) < self.decode_runner.max_batch_size
+            fits = _fixed_shape_row(seq, n) and len(decodes.seqs) < self.decode_runner.max_batch_size
             part = decodes if fits else others
             part.seqs.append(seq)
             part.num_new_tokens.append(n)
@@ -210,11 +227,17 @@ class ModelRunner:
 
     def _execute_reference(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
         self.num_reference_steps += 1
-        step, sample_seqs = self.prepare(sched)
+        step, sample_seqs, context_seqs = self.prepare(sched)
         if self.peers is not None:
             self.peers.send(("forward", step.for_peers()))
         logits = step.run(self.model, self.kv_caches)
         self._drop_finished_images(sched)
+        if context_seqs:  # rows after the sampled ones, in the step's order
+            pieces = logits[len(sample_seqs) :].cpu().split([n for _, n in context_seqs])
+            for (seq, n), piece in zip(context_seqs, pieces, strict=True):
+                seq.context_logits.append(piece)
+                seq.num_context_logits += n
+            logits = logits[: len(sample_seqs)]
         return logits, sample_seqs
 
     # -- fixed-shape decode --------------------------------------------------------------------------
@@ -223,7 +246,7 @@ class ModelRunner:
         position, and no more sequences than its largest bucket."""
         if self.decode_runner is None or len(sched.seqs) > self.decode_runner.max_batch_size:
             return False
-        return all(_one_text_token(seq, n) for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True))
+        return all(_fixed_shape_row(seq, n) for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True))
 
     def prepare_decode(self, sched: SchedulerOutput) -> DecodeBatch:
         """The host-side inputs of a fixed-shape decode step, one row per sequence."""
@@ -286,9 +309,12 @@ class ModelRunner:
                     del seq.image_embeds[k]
 
 
-def _one_text_token(seq: Sequence, n: int) -> bool:
-    """Whether a sequence's n new tokens are one token that is not an image position."""
+def _fixed_shape_row(seq: Sequence, n: int) -> bool:
+    """Whether a sequence's n new tokens are one token that is not an image position, nor a prompt
+    position whose logits were asked for (the fixed-shape paths compute the sampled rows' only)."""
     a, b = seq.image_rows(seq.num_computed_tokens, seq.num_computed_tokens + n)
+    if seq.params.return_context_logits and seq.num_computed_tokens < seq.num_prompt_tokens:
+        return False
     return n == 1 and b <= a
 
 

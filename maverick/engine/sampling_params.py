@@ -105,6 +105,11 @@ class SamplingParams:
     # choices (sequences) to generate from the prompt, in [1, 16], each sampled on its own; with a
     # seed s, choice i draws from seed s + i (so choice 0 is the n = 1 request with seed s)
     n: int = 1
+    # the raw logits (fp32, before bias, penalties and temperature) of every prompt position, once
+    # (TensorRT-LLM's context logits; the prompt is computed whole, never from the prefix cache),
+    # and of every sampled position (its generation logits)
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -131,7 +136,8 @@ class SamplingParams:
         set_("bad_words", self._strings("bad_words", self.bad_words, MAX_BAD_WORDS))
         set_("bad_words_ids", self._token_sequences("bad_words_ids", self.bad_words_ids))
         set_("logit_bias", self._logit_bias(self.logit_bias))
-        for name in ("ignore_eos", "include_stop_str_in_output", "logprobs"):
+        flags = ("ignore_eos", "include_stop_str_in_output", "logprobs")
+        for name in (*flags, "return_context_logits", "return_generation_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, getattr(self, name), "true or false")
         set_("top_logprobs", _int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS))
@@ -207,8 +213,12 @@ class SamplingParams:
         return tuple(int(t) for t in ids)
 
     def for_choice(self, i: int) -> SamplingParams:
-        """The parameters of choice i of this request: one sequence, drawing from seed + i."""
-        return dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+        """The parameters of choice i of this request: one sequence, drawing from seed + i. The
+        prompt's logits come with choice 0 only (the others take its blocks from the prefix cache)."""
+        seed = None if self.seed is None else self.seed + i
+        return dataclasses.replace(
+            self, n=1, seed=seed, return_context_logits=self.return_context_logits and i == 0
+        )
 
     @property
     def is_greedy(self) -> bool:

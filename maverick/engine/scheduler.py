@@ -14,6 +14,7 @@ that cannot grow even with the whole cache to itself is finished with reason "le
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -106,6 +107,8 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 self.block_manager.record_prefix_lookup(seq, len(computed))
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)

@@ -64,6 +64,14 @@ class Sequence:
     image_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    num_new_blocks: int = 0  # KV blocks allocated to it (again after a preemption)
+    num_reused_blocks: int = 0  # and taken from the prefix cache
+    # with params.return_context_logits: the prompt's raw logits so far, [rows, vocab] pieces in
+    # order (prefill may take several steps); sent whole with the first update
+    context_logits: list[torch.Tensor] = field(default_factory=list)
+    num_context_logits: int = 0  # prompt positions covered by context_logits
+    context_logits_sent: bool = False
 
     def __post_init__(self) -> None:
         # patch_rank[i] = number of <|patch|> tokens in the prompt before position i (length n + 1),

@@ -16,11 +16,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
+
 from maverick.engine.api import RequestOutput
 
 
 def _join(a: list | None, b: list | None) -> list | None:
     return None if a is None and b is None else (a or []) + (b or [])
+
+
+def _stack(a, b):
+    return b if a is None else a if b is None else np.concatenate([a, b])
 
 
 def merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
@@ -37,6 +43,8 @@ def merge(first: RequestOutput, then: RequestOutput) -> RequestOutput:
         if first.first_token_time is not None
         else then.first_token_time,
         token_times=first.token_times + then.token_times,
+        context_logits=first.context_logits if first.context_logits is not None else then.context_logits,
+        generation_logits=_stack(first.generation_logits, then.generation_logits),
     )
 
 

@@ -31,10 +31,15 @@ from maverick.engine.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS, MAX
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
 from maverick.serving.step_output import (
+    RETURN_BATCH_INDEX,
+    RETURN_CONTEXT_LOGITS,
+    RETURN_GENERATION_LOGITS,
     RETURN_LOG_PROBS,
     RETURN_NUM_INPUT_TOKENS,
     RETURN_NUM_OUTPUT_TOKENS,
+    RETURN_PERF_METRICS,
     RETURN_SEQUENCE_INDEX,
+    STREAMED,
 )
 from maverick.tokenizer import Tokenizer
 
@@ -58,6 +63,8 @@ _SCALARS = {
     "return_log_probs": "logprobs",
     "top_log_probs": "top_logprobs",
     "num_return_sequences": "n",
+    "return_context_logits": "return_context_logits",
+    "return_generation_logits": "return_generation_logits",
 }
 # TensorRT-LLM's older names, which some clients still send (genai-perf: min_length)
 _ALIASES = {"min_length": "min_tokens"}
@@ -68,12 +75,26 @@ _FLAGS = (
     "allow_special_tokens",
     "return_num_input_tokens",
     "return_num_output_tokens",
+    "return_perf_metrics",
 )
+# TensorRT-LLM's inputs for what this model does not have: a request that uses one is refused
+_NOT_APPLICABLE = {
+    "decoder_text_input": "is for encoder-decoder models; Llama 4 is decoder-only",
+    "prompt_embedding_table": "(prompt tuning) is not supported by this server",
+    "prompt_table_extra_id": "(prompt tuning) is not supported by this server",
+    "prompt_vocab_size": "(prompt tuning) is not supported by this server",
+    "lora_task_id": "(LoRA adapters) is not supported by this server",
+    "lora_weights": "(LoRA adapters) is not supported by this server",
+    "lora_config": "(LoRA adapters) is not supported by this server",
+}
 KNOWN_INPUTS = frozenset(
     {"text_input", "messages", "images", "system_prompt", "stop_words", "bad_words", "end_id", "logit_bias"}
+    | {"pad_id", "beam_width", "length_penalty", "embedding_bias_words", "embedding_bias_weights"}
+    | {"guided_decoding_guide_type", "guided_decoding_guide"}
     | set(_SCALARS)
     | set(_ALIASES)
     | set(_FLAGS)
+    | set(_NOT_APPLICABLE)
     | {"tools"}  # OpenAI's function tools as JSON text, listed in the chat's system message
 )
 
@@ -94,6 +115,10 @@ class ResponseOptions:
     # costs each streamed response a copy at every hop of the ensemble
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    return_perf_metrics: bool = False
+    # the prompt's place in a batched request (TensorRT-LLM's batch_index), and the batch's size
+    batch_index: int = 0
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,11 @@ class GenerateRequest:
             | (RETURN_NUM_OUTPUT_TOKENS if self.options.return_num_output_tokens else 0)
             | (RETURN_LOG_PROBS if self.params.logprobs else 0)
             | (RETURN_SEQUENCE_INDEX if self.params.n > 1 else 0)
+            | (RETURN_BATCH_INDEX if self.options.batch_size > 1 else 0)
+            | (RETURN_PERF_METRICS if self.options.return_perf_metrics else 0)
+            | (RETURN_CONTEXT_LOGITS if self.params.return_context_logits else 0)
+            | (RETURN_GENERATION_LOGITS if self.params.return_generation_logits else 0)
+            | (STREAMED if self.options.stream else 0)
         )
 
 
@@ -201,6 +231,9 @@ def parse_request(
     unknown = set(inputs) - KNOWN_INPUTS
     if unknown:
         raise InvalidRequest(f"unknown inputs {sorted(unknown)}")
+    for name in sorted(set(inputs) & set(_NOT_APPLICABLE)):
+        raise InvalidRequest(f"{name} {_NOT_APPLICABLE[name]}")
+    _check_trtllm_only(inputs, tokenizer)
     text = _string(inputs, "text_input")
     messages_json = _string(inputs, "messages")
     system = _string(inputs, "system_prompt")
@@ -222,8 +255,58 @@ def parse_request(
         default_max_tokens="max_tokens" not in inputs,
         return_num_input_tokens=bool(flags["return_num_input_tokens"]),
         return_num_output_tokens=bool(flags["return_num_output_tokens"]),
+        return_perf_metrics=bool(flags["return_perf_metrics"]),
     )
     return GenerateRequest(prompt, params, options)
+
+
+def parse_batch(
+    inputs: dict[str, np.ndarray],
+    tokenizer: Tokenizer,
+    defaults: dict[str, Any] | None = None,
+    max_model_len: int | None = None,
+) -> list[GenerateRequest]:
+    """A request of batch size k (TensorRT-LLM's batched requests: each input stacked along its
+    first dimension) as k requests, each parsed alone and tagged with its batch index."""
+    sizes = {name: (arr.shape[0] if arr.ndim else 0) for name, arr in inputs.items()}
+    k = max(sizes.values(), default=1)
+    if any(n != k for n in sizes.values()):
+        raise InvalidRequest(f"every input of a batched request needs the same batch size, got {sizes}")
+    if k == 1:
+        return [parse_request(inputs, tokenizer, defaults, max_model_len)]
+    reqs = []
+    for b in range(k):
+        try:
+            req = parse_request(
+                {n: a[b : b + 1] for n, a in inputs.items()}, tokenizer, defaults, max_model_len
+            )
+        except InvalidRequest as e:
+            raise InvalidRequest(f"batch index {b}: {e}") from None
+        options = dataclasses.replace(req.options, batch_index=b, batch_size=k)
+        reqs.append(dataclasses.replace(req, options=options))
+    if len({r.options.stream for r in reqs}) > 1:
+        raise InvalidRequest("stream must be the same for every prompt of a batched request")
+    return reqs
+
+
+def _check_trtllm_only(inputs: dict[str, np.ndarray], tokenizer: Tokenizer) -> None:
+    """TensorRT-LLM's inputs that change nothing here, checked: beam_width (1: no beam search),
+    length_penalty (beam search's, so no effect at width 1, as in TensorRT-LLM) and pad_id (no
+    output is padded: every response carries one sequence)."""
+    beam = _scalar(inputs, "beam_width")
+    if beam is not None and beam != 1:
+        raise InvalidRequest(
+            f"beam_width must be 1 (beam search is not supported), got {beam!r}; for several "
+            "sampled answers use num_return_sequences"
+        )
+    penalty = _scalar(inputs, "length_penalty")
+    if penalty is not None and not (isinstance(penalty, float) and np.isfinite(penalty)):
+        raise InvalidRequest(f"length_penalty must be a finite number, got {penalty!r}")
+    pad = _scalar(inputs, "pad_id")
+    if pad is not None and (
+        isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < tokenizer.vocab_size
+    ):
+        raise InvalidRequest(f"pad_id must be a token id in [0, {tokenizer.vocab_size}), got {pad!r}")
 
 
 def fit_max_tokens(req: GenerateRequest, max_model_len: int) -> GenerateRequest:
@@ -325,6 +408,16 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Toke
         raise InvalidRequest("top_log_probs needs return_log_probs=true")
     if (bias := _string(inputs, "logit_bias")) is not None:
         fields["logit_bias"] = _logit_bias(bias)
+    if embedding := _embedding_bias(inputs, tok):
+        merged = dict(fields.get("logit_bias", ()))
+        for token, b in embedding.items():
+            merged[token] = merged.get(token, 0.0) + b
+        fields["logit_bias"] = tuple(merged.items())
+    guide = _string(inputs, "guided_decoding_guide_type"), _string(inputs, "guided_decoding_guide")
+    if guide != (None, None):
+        raise InvalidRequest(
+            "guided_decoding_guide_type / guided_decoding_guide: guided decoding is not available yet"
+        )
     try:
         return SamplingParams(**fields)
     except SamplingParamsError as e:
@@ -334,6 +427,29 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Toke
 
 
 _INPUT_OF = {field: name for name, field in _SCALARS.items() if field != name}
+
+
+def _embedding_bias(inputs: dict[str, np.ndarray], tok: Tokenizer) -> dict[int, float]:
+    """TensorRT-LLM's embedding_bias_words / _weights as its preprocessing reads them: each word
+    tokenized as its tokenizer's encode() does by default (with the BOS token), and the word's weight
+    added to the logit bias of every one of its tokens (summed where tokens repeat)."""
+    words, weights = _values(inputs, "embedding_bias_words"), _values(inputs, "embedding_bias_weights")
+    if words is None and weights is None:
+        return {}
+    if words is None or weights is None:
+        raise InvalidRequest("embedding_bias_words and embedding_bias_weights go together: give both")
+    words = _words(inputs, "embedding_bias_words", MAX_BAD_WORDS)
+    if len(words) != weights.size:
+        raise InvalidRequest(
+            f"embedding_bias_words has {len(words)} words but embedding_bias_weights {weights.size} weights"
+        )
+    if weights.dtype.kind != "f" or not np.isfinite(weights).all():
+        raise InvalidRequest("embedding_bias_weights must be finite numbers (FP32)")
+    bias: dict[int, float] = {}
+    for word, weight in zip(words, weights.tolist(), strict=True):
+        for token in tok.encode(word, add_bos=True):
+            bias[token] = bias.get(token, 0.0) + weight
+    return bias
 
 
 def _logit_bias(text: str) -> tuple[tuple[int, float], ...]:
@@ -370,41 +486,69 @@ def numpy_inputs(fields: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 # -- the wire format between the pipeline steps ----------------------------------------------------
-def to_tensors(req: GenerateRequest) -> dict[str, np.ndarray]:
-    """Batch-1 tensors for the `maverick` step."""
-    images = req.prompt.images
-    pixels = (
-        torch.cat([im.pixel_values for im in images]).numpy()
-        if images
-        else np.zeros((0, 3, 336, 336), dtype=np.float32)
-    )
-    meta = {"sampling": dataclasses.asdict(req.params), "options": dataclasses.asdict(req.options)}
+def to_tensors(*reqs: GenerateRequest) -> dict[str, np.ndarray]:
+    """Batch-k tensors for the `maverick` step, one row per request: input_ids [k, longest]
+    (right-padded with 0), pixel_values [k, most tiles, 3, 336, 336] and image_tiles [k, most
+    images] (zero-padded), request [k, 1]; each request's JSON says how many ids and images are its."""
+    pixels, tiles, metas = [], [], []
+    for req in reqs:
+        images = req.prompt.images
+        pixels.append(
+            torch.cat([im.pixel_values for im in images]).numpy()
+            if images
+            else np.zeros((0, 3, 336, 336), dtype=np.float32)
+        )
+        tiles.append([im.num_tiles for im in images])
+        meta = {
+            "sampling": dataclasses.asdict(req.params),
+            "options": dataclasses.asdict(req.options),
+            "num_tokens": len(req.prompt.token_ids),
+            "num_images": len(images),
+        }
+        metas.append([json.dumps(meta).encode()])
+    ids = np.zeros((len(reqs), max(len(r.prompt.token_ids) for r in reqs)), dtype=np.int32)
+    image_tiles = np.zeros((len(reqs), max(map(len, tiles))), dtype=np.int32)
+    pixel_values = np.zeros((len(reqs), max(len(p) for p in pixels), 3, 336, 336), dtype=np.float32)
+    for b, req in enumerate(reqs):
+        ids[b, : len(req.prompt.token_ids)] = req.prompt.token_ids
+        image_tiles[b, : len(tiles[b])] = tiles[b]
+        pixel_values[b, : len(pixels[b])] = pixels[b]
     return {
-        "input_ids": np.asarray([req.prompt.token_ids], dtype=np.int32),
-        "pixel_values": pixels[None].astype(np.float32, copy=False),
-        "image_tiles": np.asarray([[im.num_tiles for im in images]], dtype=np.int32),
-        "request": np.array([[json.dumps(meta).encode()]], dtype=object),
+        "input_ids": ids,
+        "pixel_values": pixel_values,
+        "image_tiles": image_tiles,
+        "request": np.array(metas, dtype=object),
     }
 
 
-def from_tensors(t: dict[str, np.ndarray]) -> GenerateRequest:
-    """Inverse of to_tensors (inputs with their batch dimension of 1)."""
+def from_tensors(t: dict[str, np.ndarray]) -> list[GenerateRequest]:
+    """Inverse of to_tensors: the batch's requests, in order."""
+    shapes = {name: arr.shape for name, arr in t.items()}
+    if any(len(s) < 2 for s in shapes.values()) or len({s[0] for s in shapes.values()}) != 1:
+        raise InvalidRequest(f"malformed request tensors: shapes {shapes}")
+    return [_from_row({name: arr[b] for name, arr in t.items()}) for b in range(t["request"].shape[0])]
+
+
+def _from_row(t: dict[str, np.ndarray]) -> GenerateRequest:
     try:
         meta = json.loads(bytes(t["request"].reshape(-1)[0]).decode())
         params = SamplingParams(**meta["sampling"])
         options = ResponseOptions(**meta["options"])
+        num_tokens, num_images = int(meta["num_tokens"]), int(meta["num_images"])
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"malformed request tensor: {e}") from None
     except RecursionError:  # JSON nested deeper than the interpreter recurses
         raise InvalidRequest("malformed request tensor: nested too deeply") from None
-    ids = t["input_ids"].reshape(-1).tolist()
-    tiles = t["image_tiles"].reshape(-1).tolist()
+    ids, all_tiles = t["input_ids"].reshape(-1), t["image_tiles"].reshape(-1)
+    if not (0 < num_tokens <= ids.size and 0 <= num_images <= all_tiles.size):
+        raise InvalidRequest(f"malformed request tensor: {num_tokens} ids and {num_images} images do not fit")
+    tiles = all_tiles[:num_images].tolist()
     if any(n < 1 for n in tiles):
         raise InvalidRequest(f"image_tiles must be positive tile counts, got {tiles}")
-    pixels = torch.from_numpy(np.ascontiguousarray(t["pixel_values"][0]))
+    pixels = torch.from_numpy(np.ascontiguousarray(t["pixel_values"][: sum(tiles)]))
     if sum(tiles) != pixels.shape[0]:
         raise InvalidRequest(
             f"image_tiles add up to {sum(tiles)} but pixel_values has {pixels.shape[0]} tiles"
         )
     images = tuple(ImageInput.from_pixels(p) for p in pixels.split(tiles)) if tiles else ()
-    return GenerateRequest(Prompt(ids, images), params, options)
+    return GenerateRequest(Prompt(ids[:num_tokens].tolist(), images), params, options)

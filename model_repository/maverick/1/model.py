@@ -25,6 +25,7 @@ import secrets
 import threading
 import traceback
 import uuid
+from collections.abc import AsyncIterator
 
 import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
 import numpy as np
@@ -40,7 +41,7 @@ from maverick.serving.model_dir import project_root
 from maverick.serving.priority import yield_to_engine
 from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors
 from maverick.serving.response_window import NO_ACK, AckBoard
-from maverick.serving.step_output import StepOutput
+from maverick.serving.step_output import RETURN_PERF_METRICS, StepOutput
 from maverick.serving.supervisor import SupervisedEngine
 
 INPUTS = ("input_ids", "pixel_values", "image_tiles", "request")
@@ -71,7 +72,8 @@ class TritonPythonModel:
         self.metrics = EngineMetrics(self.engine, instance_labels(args))
         self.acks = AckBoard.create()  # postprocessing acknowledges streamed responses here
         self.in_flight: set[asyncio.Future] = set()
-        self.handles: dict[str, str] = {}  # abort handle -> engine request id (request-loop thread only)
+        # abort handle -> its engine request ids (a batched request's several; request-loop thread only)
+        self.handles: dict[str, list[str]] = {}
 
     def execute(self, requests):
         for request in requests:
@@ -118,44 +120,52 @@ class TritonPythonModel:
                 if tensor is None:
                     raise InvalidRequest(f"input {name} is required (or abort)")
                 tensors[name] = tensor.as_numpy()
-            req = fit_max_tokens(from_tensors(tensors), self.engine.max_model_len)
+            reqs = [fit_max_tokens(r, self.engine.max_model_len) for r in from_tensors(tensors)]
         except InvalidRequest as e:
             return reply.error(str(e), pb_utils.TritonError.INVALID_ARG)
-        request_id = f"{reply.triton_id or 'req'}-{uuid.uuid4().hex[:12]}"
+        # a batched request (TensorRT-LLM's: k prompts in one) is k engine requests, one stream
+        base = f"{reply.triton_id or 'req'}-{uuid.uuid4().hex[:12]}"
+        request_ids = [base] if len(reqs) == 1 else [f"{base}-{b}" for b in range(len(reqs))]
+        batch_of = {rid: b for b, rid in enumerate(request_ids)}
         handle = secrets.token_urlsafe(24)
-        self.handles[handle] = request_id
+        self.handles[handle] = request_ids
+        options = reqs[0].options  # stream and flow control: the same for every prompt of a batch
         # through the ensemble, at most a few responses in flight past postprocessing; the rest
         # wait here, merged (maverick/serving/flow_control.py); and heartbeats while silent
-        flow = FlowControlledStream(self.acks.window() if req.options.flow_control else None)
+        flow = FlowControlledStream(self.acks.window() if options.flow_control else None)
         watcher = asyncio.ensure_future(
-            self._watch(request, request_id, reply, handle, flow if req.options.flow_control else None)
+            self._watch(request, request_ids, reply, handle, flow if options.flow_control else None)
         )
-        n, echo = req.params.n, req.options.echo_text or ""
-        unsent_echo = set(range(n)) if echo else set()  # choices whose first response is still to go
-        gathered = [_Gathered() for _ in range(n)] if not req.options.stream else []
-        unfinished = n  # the last choice's last response carries the FINAL flag
-        shape = _Shape(handle.encode(), req.returns, req.params.top_logprobs)
+        # each (prompt, choice)'s first response carries its echo; the last response of all the FINAL
+        unsent_echo = {(b, i) for b, r in enumerate(reqs) if r.options.echo_text for i in range(r.params.n)}
+        gathered: dict[tuple[int, int], _Gathered] = {}
+        unfinished = sum(r.params.n for r in reqs)
+        shapes = [
+            _Shape(handle.encode(), r.returns, r.params.top_logprobs, r.options.batch_index) for r in reqs
+        ]
         try:
-            stream = self.engine.generate(request_id, req.prompt, req.params)
-            async with contextlib.aclosing(stream):
-                async for out in stream:
+            pairs = zip(request_ids, reqs, strict=True)
+            streams = [self.engine.generate(rid, r.prompt, r.params) for rid, r in pairs]
+            async with contextlib.aclosing(_merged(streams)) as outputs:
+                async for out in outputs:
                     self.metrics.observe(out)
                     if out.error:
                         return reply.error(out.error, pb_utils.TritonError.INTERNAL)  # aborts the rest
-                    if req.options.stream:
+                    key = batch_of[out.request_id], out.index
+                    if options.stream:
                         offered = flow.offer(out)
                         if offered is None:
                             continue  # held: this stream has enough responses in flight
                         update, ack = offered
                     else:
-                        gathered[out.index].add(out)
+                        gathered.setdefault(key, _Gathered()).add(out)
                         if not out.finished:
                             continue
-                        update, ack = gathered[out.index].whole(), NO_ACK
+                        update, ack = gathered.pop(key).whole(), NO_ACK
                     unfinished -= update.finished
-                    prefix = echo if update.index in unsent_echo else ""
-                    unsent_echo.discard(update.index)
-                    reply.send(shape.response(update, prefix, ack), unfinished == 0)
+                    prefix = reqs[key[0]].options.echo_text if key in unsent_echo else ""
+                    unsent_echo.discard(key)
+                    reply.send(shapes[key[0]].response(update, prefix, ack), unfinished == 0)
         except (RequestError, InvalidRequest) as e:
             reply.error(str(e), pb_utils.TritonError.INVALID_ARG)
         except EngineOverloadedError as e:
@@ -186,13 +196,14 @@ class TritonPythonModel:
             return reply.error(
                 "abort is empty: it takes a running request's abort handle", pb_utils.TritonError.INVALID_ARG
             )
-        request_id = self.handles.get(handle)
-        if request_id is None:
+        request_ids = self.handles.get(handle)
+        if request_ids is None:
             return reply.error("no running request has this abort handle", pb_utils.TritonError.NOT_FOUND)
-        self.engine.abort(request_id)
+        for request_id in request_ids:
+            self.engine.abort(request_id)
         reply.finish()
 
-    async def _watch(self, request, request_id, reply, handle, flow):
+    async def _watch(self, request, request_ids, reply, handle, flow):
         """Abort the engine request once Triton marks the request cancelled (a direct call whose
         client left); send the heartbeats of a flow-controlled one (`flow`; the ensemble's)."""
         try:
@@ -212,7 +223,46 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - the request itself goes on; say why it cannot be stopped
             reply.log(f"watching the request failed: {type(e).__name__}: {e}")
             return
-        self.engine.abort(request_id)
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+
+
+async def _merged(streams: list) -> AsyncIterator[RequestOutput]:
+    """The outputs of several engine streams (a batched request's) as they come; closing this closes
+    (aborts) them all. One stream is passed through as it is."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]):
+            async for out in streams[0]:
+                yield out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(b, stream):
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    queue.put_nowait((out, None))
+            queue.put_nowait((None, None))
+        except RequestError as e:  # this prompt is refused: so is the request, naming it
+            queue.put_nowait((None, RequestError(f"batch index {b}: {e}")))
+        except Exception as e:  # noqa: BLE001 - raised where the outputs are read
+            queue.put_nowait((None, e))
+
+    tasks = [asyncio.ensure_future(pump(b, stream)) for b, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            out, error = await queue.get()
+            if error is not None:
+                raise error
+            if out is None:
+                running -= 1
+            else:
+                yield out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Undeliverable(Exception):
@@ -229,6 +279,9 @@ class _Gathered:
         self.logprobs: list[float] = []
         self.top_token_ids: list[list[int]] = []
         self.top_logprobs: list[list[float]] = []
+        self.token_times: list[float] = []
+        self.generation_logits: list[np.ndarray] = []
+        self.context_logits: np.ndarray | None = None
         self.last: RequestOutput | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -237,6 +290,11 @@ class _Gathered:
         self.logprobs += out.logprobs or []
         self.top_token_ids += out.top_token_ids or []
         self.top_logprobs += out.top_logprobs or []
+        self.token_times += out.token_times
+        if out.generation_logits is not None:
+            self.generation_logits.append(out.generation_logits)
+        if out.context_logits is not None:
+            self.context_logits = out.context_logits
         self.last = out
 
     def whole(self) -> RequestOutput:
@@ -248,6 +306,9 @@ class _Gathered:
             logprobs=self.logprobs,
             top_token_ids=self.top_token_ids,
             top_logprobs=self.top_logprobs,
+            token_times=self.token_times,
+            context_logits=self.context_logits,
+            generation_logits=np.concatenate(self.generation_logits) if self.generation_logits else None,
         )
 
 
@@ -258,10 +319,17 @@ class _Shape:
     handle: bytes  # the abort handle
     returns: int  # the optional public outputs asked for (step_output.RETURN_*)
     top_logprobs: int  # K: top log-probs per token
+    batch_index: int = 0  # the prompt's place in a batched request
 
     def response(self, out: RequestOutput, prefix: str = "", ack=NO_ACK):
         k = self.top_logprobs
         top = {}
+        if self.returns & RETURN_PERF_METRICS:
+            top["perf_metrics"] = _perf_metrics(out)
+        if out.context_logits is not None:
+            top["context_logits"] = out.context_logits
+        if out.generation_logits is not None:
+            top["generation_logits"] = out.generation_logits
         if k:  # [m, K]: one row per token of this update
             top["top_log_probs"] = np.asarray(out.top_logprobs or [], dtype=np.float32).reshape(-1, k)
             top["top_log_prob_ids"] = np.asarray(out.top_token_ids or [], dtype=np.int32).reshape(-1, k)
@@ -277,9 +345,29 @@ class _Shape:
             ack=ack,
             sequence_index=out.index,
             cum_log_prob=out.cumulative_logprob or 0.0,
+            batch_index=self.batch_index,
             **top,
         )
         return pb_utils.InferenceResponse([pb_utils.Tensor("step", step.to_array())])
+
+
+def _perf_metrics(out: RequestOutput) -> tuple[int, ...]:
+    """step_output.PERF_METRICS of a choice's update: its KV blocks (TensorRT-LLM counts the
+    allocated ones, reused not included, as its total) and its times in ns of CLOCK_MONOTONIC
+    (the engine's time.monotonic(); 0 where not reached yet)."""
+
+    def ns(t: float | None) -> int:
+        return 0 if t is None else round(t * 1e9)
+
+    return (
+        out.num_new_blocks,
+        out.num_reused_blocks,
+        out.num_new_blocks,
+        ns(out.arrival_time),
+        ns(out.first_scheduled_time),
+        ns(out.first_token_time),
+        ns(out.last_token_time),
+    )
 
 
 class _Reply:

@@ -32,13 +32,25 @@ import triton_python_backend_utils as pb_utils
 from maverick.serving.priority import yield_to_engine
 from maverick.serving.response_window import Acknowledger
 from maverick.serving.step_output import (
+    PERF_METRICS,
+    RETURN_BATCH_INDEX,
     RETURN_LOG_PROBS,
     RETURN_NUM_INPUT_TOKENS,
     RETURN_NUM_OUTPUT_TOKENS,
+    RETURN_PERF_METRICS,
     RETURN_SEQUENCE_INDEX,
+    STREAMED,
     MalformedStepOutput,
     StepOutput,
 )
+
+# TensorRT-LLM's perf metrics: the engine's, then its speculative-decoding ones (none here: 0)
+_PERF_DTYPES = dict(zip(PERF_METRICS, [np.int32] * 3 + [np.int64] * 4, strict=True))
+_NO_DRAFTS = {
+    "acceptance_rate": np.zeros((1, 1), np.float32),
+    "total_accepted_draft_tokens": np.zeros((1, 1), np.int32),
+    "total_draft_tokens": np.zeros((1, 1), np.int32),
+}
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -81,8 +93,8 @@ class TritonPythonModel:
             _abort(step.abort_handle)
         if step.heartbeat:
             return None
-        outputs = {  # TensorRT-LLM's names
-            "text_output": np.array([[step.text]], dtype=object),
+        outputs = {  # TensorRT-LLM's names, and its shapes: [beams] text, the rest [1, ...]
+            "text_output": np.array([step.text], dtype=object),
             "output_token_ids": step.token_ids.reshape(1, -1),
         }
         # The rest only where it says something or was asked for: each tensor costs every
@@ -94,14 +106,25 @@ class TritonPythonModel:
             outputs["num_cached_tokens"] = np.array([[step.num_cached_tokens]], dtype=np.int32)
         if step.returns & RETURN_NUM_OUTPUT_TOKENS:
             outputs["num_output_tokens"] = np.array([[step.token_ids.size]], dtype=np.int32)
-        if step.returns & RETURN_LOG_PROBS:
-            outputs["output_log_probs"] = step.log_probs.reshape(1, -1)
+        if step.returns & RETURN_LOG_PROBS:  # [1, beams, tokens] and [1, beams]
+            outputs["output_log_probs"] = step.log_probs.reshape(1, 1, -1)
             outputs["cum_log_probs"] = np.array([[step.cum_log_prob]], dtype=np.float32)
         if step.top_log_probs.shape[1]:  # top_log_probs = K > 0: [1, tokens, K]
             outputs["output_top_log_probs"] = step.top_log_probs[None]
             outputs["output_top_log_prob_ids"] = step.top_log_prob_ids[None]
         if step.returns & RETURN_SEQUENCE_INDEX:  # num_return_sequences > 1: which choice
             outputs["sequence_index"] = np.array([[step.sequence_index]], dtype=np.int32)
+        if step.returns & RETURN_BATCH_INDEX:  # a batched request: which prompt
+            outputs["batch_index"] = np.array([[step.batch_index]], dtype=np.int32)
+        if step.returns & RETURN_PERF_METRICS:
+            for (name, dtype), value in zip(_PERF_DTYPES.items(), step.perf_metrics, strict=True):
+                outputs[name] = np.array([[value]], dtype=dtype)
+            outputs.update(_NO_DRAFTS)
+        if step.context_logits.size:  # [1, prompt, vocab], in the choice's first response
+            outputs["context_logits"] = step.context_logits[None]
+        if step.generation_logits.size:  # TensorRT-LLM's layouts: streamed [1, tokens, beams, vocab]
+            gen = step.generation_logits  # [tokens, vocab]; whole [1, beams, tokens, vocab]
+            outputs["generation_logits"] = gen[None, :, None] if step.returns & STREAMED else gen[None, None]
         return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 

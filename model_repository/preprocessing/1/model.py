@@ -24,7 +24,7 @@ from maverick.serving.model_dir import (
     resolve_model_dir,
 )
 from maverick.serving.priority import yield_to_engine
-from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_request, to_tensors
+from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_batch, to_tensors
 from maverick.tokenizer import Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -70,11 +70,15 @@ class TritonPythonModel:
 
     def _respond(self, sender, inputs, request_id):
         try:
-            req = parse_request(inputs, self.tokenizer, self.defaults, self.max_model_len)
+            # a batched request (TensorRT-LLM's) is several prompts, each parsed alone
+            reqs = parse_batch(inputs, self.tokenizer, self.defaults, self.max_model_len)
             # the ensemble sends the step's responses through postprocessing, which
             # acknowledges them: the step may hold a stream's tokens while it lags behind
-            req = dataclasses.replace(req, options=dataclasses.replace(req.options, flow_control=True))
-            tensors = to_tensors(req)
+            reqs = [
+                dataclasses.replace(r, options=dataclasses.replace(r.options, flow_control=True))
+                for r in reqs
+            ]
+            tensors = to_tensors(*reqs)
             response = pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()])
         except InvalidRequest as e:
             response = _error(str(e), pb_utils.TritonError.INVALID_ARG)
