@@ -52,10 +52,19 @@ SCALARS = {
     "return_num_output_tokens": ("BOOL", bool),
     "top_log_probs": ("INT32", np.int32),
     "num_return_sequences": ("INT32", np.int32),
+    "return_context_logits": ("BOOL", bool),
+    "return_generation_logits": ("BOOL", bool),
+    "return_perf_metrics": ("BOOL", bool),
+    "pad_id": ("INT32", np.int32),
+    "beam_width": ("INT32", np.int32),
+    "length_penalty": ("FP32", np.float32),
 }
-LISTS = ("stop_words", "bad_words")
+LISTS = ("stop_words", "bad_words", "embedding_bias_words")
 # one string each; logit_bias is OpenAI's JSON object {"token id": bias} (a dict is sent as JSON)
-STRINGS = ("text_input", "messages", "system_prompt", "logit_bias", "tools")
+STRINGS = (
+    "text_input", "messages", "system_prompt", "logit_bias", "tools",
+    "guided_decoding_guide_type", "guided_decoding_guide",
+)  # fmt: skip
 
 
 class ServerError(RuntimeError):
@@ -138,7 +147,8 @@ def request_fields(
 ) -> dict[str, Any]:
     """The request as {input name: python value} (lists for the list-valued inputs). `tools`:
     OpenAI's function tools, listed in the chat's system message (sent as JSON text)."""
-    unknown = set(sampling) - set(SCALARS) - set(LISTS) - {"logit_bias"}
+    unknown = set(sampling) - set(SCALARS) - set(LISTS) - {"logit_bias", "embedding_bias_weights"}
+    unknown -= {"guided_decoding_guide_type", "guided_decoding_guide"}
     if unknown:
         raise ValueError(f"unknown request fields {sorted(unknown)}")
     fields: dict[str, Any] = {k: v for k, v in sampling.items() if v is not None}
@@ -179,6 +189,8 @@ def grpc_inputs(fields: dict[str, Any]) -> list:
             add(name, np.array([value], dtype=object), "BYTES")
         elif name in LISTS:
             add(name, np.array([[w.encode() for w in value]], dtype=object), "BYTES")
+        elif name == "embedding_bias_weights":
+            add(name, np.array([value], dtype=np.float32), "FP32")
         else:
             dtype, np_dtype = SCALARS.get(name, ("BOOL", bool))
             add(name, np.array([[value]], dtype=np_dtype), dtype)

@@ -77,7 +77,8 @@ def check_tools(tools: Any) -> list[dict]:
             raise ValueError(f"{where}.function.strict must be a boolean")
         if strict:
             raise ValueError(
-                f"{where}.function.strict=true needs constrained decoding, which this server does not have"
+                f"{where}.function.strict=true (arguments held to their schema) is not supported: a forced "
+                "tool_choice holds a call's syntax and names, not its arguments' types"
             )
         functions.append(out)
     size = len(_listing(functions).encode("utf-8", "surrogatepass"))

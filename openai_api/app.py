@@ -317,6 +317,7 @@ async def _streamed(
     async def events():
         usage, ended = Usage(), set()  # usage: the prompt once, the completion tokens of every choice
         offsets: dict[int, int] = {}  # completions' text_offset: each choice's token text so far
+        echoed: set[int] = set()  # choices whose prompt (req.echo) went out
         try:
             pending = [first] if first is not None else []
             while True:
@@ -333,6 +334,9 @@ async def _streamed(
                     parsers[i] = tool_calls.StreamParser(req.parallel_tool_calls)
                 parser = parsers.get(i)
                 text = parser.feed(d.text) if parser else d.text
+                if req.echo and i not in echoed:
+                    text = req.echo + text
+                    echoed.add(i)
                 logprobs = None
                 if tokens is not None and d.token_ids:
                     entries = tokens.content(d)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from maverick.engine.sampling_params import MAX_N, MAX_TOP_LOGPROBS
+from openai_api import guides
 from openai_api.errors import APIError, bad_request, unsupported
 from openai_api.images import RemoteImage
 
@@ -28,6 +29,7 @@ class ChatRequest:
     parallel_tool_calls: bool = True  # False: the first call only
     n: int = 1  # choices (the ensemble's num_return_sequences)
     logprobs: bool = False  # each choice's `logprobs.content` (top_logprobs entries per token)
+    echo: str = ""  # streamed completions' echo: the prompt, before each choice's first text
 
 
 # OpenAI (and vLLM's extra) sampling parameters -> (ensemble input, type)
@@ -109,34 +111,29 @@ def _tool_calls_of(m: dict, role: str, where: str) -> list | None:
     return calls
 
 
-_CONSTRAINED = (
-    "tool_choice {} needs constrained decoding, which this server does not have: Llama 4 chooses "
-    "whether to call a tool; use 'auto' (or 'none')"
-)
-
-
-def _tools(body: dict) -> tuple[list | None, bool]:
+def _tools(body: dict) -> tuple[list | None, bool, str | None]:
     """OpenAI's tools and tool_choice -> (the tools to list in the prompt, or None; whether to look
-    for tool calls in the answer). The ensemble checks each tool (names, schemas, size)."""
+    for tool calls in the answer; for 'required' or a named function, the EBNF grammar that makes
+    the answer a call). The ensemble checks each tool (names, schemas, size)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and (not isinstance(tools, list) or not tools):
         raise bad_request("'tools' must be a non-empty list of function tools", "tools")
     if choice is None:
         choice = "none" if tools is None else "auto"
-    if choice == "required" or isinstance(choice, dict):
-        which = "'required'" if choice == "required" else "naming a function"
-        raise bad_request(_CONSTRAINED.format(which), "tool_choice", "unsupported_parameter")
-    if choice not in ("none", "auto"):
+    forced = choice == "required" or isinstance(choice, dict)
+    if not forced and choice not in ("none", "auto"):
         raise bad_request(
             "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', ...}", "tool_choice"
         )
-    if choice == "auto" and tools is None:
-        raise bad_request("tool_choice 'auto' needs 'tools'", "tool_choice")
+    if choice != "none" and tools is None:
+        raise bad_request(f"tool_choice {choice!r} needs 'tools'", "tool_choice")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad_request("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    if forced:  # Llama 4's call syntax, enforced by guided decoding
+        return tools, True, guides.forced_tool_calls(tools, choice, parallel is not False)
     # 'none' (OpenAI): the model sees no tools and its answer is content
-    return (tools, True) if choice == "auto" else (None, False)
+    return (tools, True, None) if choice == "auto" else (None, False, None)
 
 
 def _image_bytes(image_url: Any, where: str) -> bytes | RemoteImage:
@@ -183,13 +180,18 @@ def parse_chat(body: Any, model_name: str) -> ChatRequest:
     for name in _UNSUPPORTED:
         if body.get(name):
             raise unsupported(name)
-    fmt = body.get("response_format")
-    if fmt and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise unsupported("response_format")
-
+    guide = guides.response_format(body.get("response_format"))
     messages, images = _convert_messages(body.get("messages"))
-    tools, tool_calls = _tools(body)
+    tools, tool_calls, forced = _tools(body)
+    if forced is not None:
+        if guide is not None:
+            raise bad_request(
+                "a forced tool_choice and a JSON response_format exclude each other", "tool_choice"
+            )
+        guide = "ebnf_grammar", forced
     fields: dict[str, Any] = {"messages": json.dumps(messages)}
+    if guide is not None:
+        fields["guided_decoding_guide_type"], fields["guided_decoding_guide"] = guide
     if images:
         fields["images"] = images
     if tools is not None:
@@ -301,10 +303,12 @@ def parse_completion(body: Any, model_name: str) -> ChatRequest:
     if echo is not None and not isinstance(echo, bool):
         raise bad_request("'echo' must be a boolean", "echo")
     fields: dict[str, Any] = {"text_input": prompt, "apply_chat_template": False}
-    if echo:
-        fields["exclude_input_in_output"] = False  # the ensemble puts the prompt first
     max_tokens = body.get("max_tokens")
     req = _with_sampling(body, fields, COMPLETIONS_MAX_TOKENS if max_tokens is None else max_tokens)
+    if echo and req.stream:  # the ensemble streams no prompt back (TensorRT-LLM's rule): the app does
+        req.echo = prompt
+    elif echo:
+        fields["exclude_input_in_output"] = False  # the ensemble puts the prompt first
     _choices_and_bias(body, req)
     # completions' logprobs: how many most likely tokens besides the chosen one (0 to 5)
     logprobs = _int_in(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)

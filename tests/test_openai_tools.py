@@ -26,6 +26,8 @@ openai = pytest.importorskip("openai")
 SCRIPT = '[get_weather(city="Paris", days=3), now()]'  # what the scripted model answers
 NOW = {"type": "function", "function": {"name": "now", "description": "The time"}}
 NOW_JSON = '    {\n        "name": "now",\n        "description": "The time"\n    }'
+ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris, and the time?"}]}
+CALLS = [("get_weather", {"city": "Paris", "days": 3}), ("now", {})]
 
 
 def _client(url: str):
@@ -109,14 +111,16 @@ def _refused(oai, **kw):
 
 
 def test_what_cannot_be_honoured_is_refused(oai):
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        body = _refused(oai, tools=[WEATHER], tool_choice=choice)
-        assert "constrained decoding" in body["message"] and body["param"] == "tool_choice"
-        with pytest.raises(openai.BadRequestError):  # streamed: before the 200
-            list(oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                             tools=[WEATHER], tool_choice=choice, stream=True))  # fmt: skip
+    unknown = {"type": "function", "function": {"name": "get_time"}}
+    body = _refused(oai, tools=[WEATHER], tool_choice=unknown)
+    assert "'get_time', which is not one of the tools" in body["message"] and body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError):  # streamed: before the 200
+        list(oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         tools=[WEATHER], tool_choice=unknown, stream=True))  # fmt: skip
+    body = _refused(oai, tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
+    assert "exclude each other" in body["message"]
     strict = {"type": "function", "function": {"name": "f", "parameters": {}, "strict": True}}
-    assert "constrained decoding" in _refused(oai, tools=[strict])["message"]  # the ensemble's INVALID_ARG
+    assert "strict=true" in _refused(oai, tools=[strict])["message"]  # the ensemble's INVALID_ARG
     hyphen = {"type": "function", "function": {"name": "get-weather"}}
     assert "Python identifier" in _refused(oai, tools=[hyphen])["message"]
     assert _refused(oai, tool_choice="auto")["param"] == "tool_choice"  # no tools
@@ -124,6 +128,78 @@ def test_what_cannot_be_honoured_is_refused(oai):
     assert _refused(oai, tools=[WEATHER], parallel_tool_calls="yes")["param"] == "parallel_tool_calls"
     orphan = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]
     assert "tool_call_id" in _refused(oai, messages=orphan)["message"]
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_forced_tool_choice_makes_even_gibberish_a_call(oai, stream):
+    """tool_choice "required" or naming a function: guided decoding holds the tiny model's
+    gibberish to Llama 4's call syntax, so the answer comes back as OpenAI tool calls of the given
+    tools, with keywords from their schemas."""
+    keys = set(WEATHER["function"]["parameters"]["properties"])
+    for choice, names in (
+        ("required", {"get_weather", "now"}),
+        ({"type": "function", "function": {"name": "now"}}, {"now"}),
+    ):
+        for parallel in (True, False):
+            kw = dict(**ASK, tools=[WEATHER, NOW], tool_choice=choice, parallel_tool_calls=parallel,
+                      max_tokens=200, temperature=0)  # fmt: skip
+            if stream:
+                calls: dict[int, dict] = {}
+                finish = None
+                for chunk in oai.chat.completions.create(**kw, stream=True):
+                    for tc in chunk.choices[0].delta.tool_calls or []:
+                        call = calls.setdefault(tc.index, {"name": tc.function.name, "arguments": ""})
+                        call["arguments"] += tc.function.arguments or ""
+                    finish = chunk.choices[0].finish_reason or finish
+                got = [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+            else:
+                answer = oai.chat.completions.create(**kw)
+                got, finish = _calls(answer.choices[0].message), answer.choices[0].finish_reason
+                assert answer.choices[0].message.content is None
+            assert finish == "tool_calls" and got and {n for n, _ in got} <= names
+            assert all(set(args) <= keys for _, args in got) and (parallel or len(got) == 1)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_response_format_json_object_and_schema(oai, tiny_ckpt, stream):
+    """JSON valid against the schema, from the tiny model's gibberish. Any object (json_object) is
+    unbounded, which the gibberish fills with keys: a bias on `"` and `}` (which the grammar admits
+    only where they are valid) makes it close."""
+    import jsonschema
+
+    tok = Tokenizer.from_dir(tiny_ckpt)
+    close = {str(t): 10 for t in tok.encode('"}', parse_special=False)}
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "rain": {"type": "boolean"}},
+        "required": ["city", "rain"],
+        "additionalProperties": False,
+    }
+    formats = [
+        ({"type": "json_object"}, {"type": "object"}, close),
+        ({"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}}, schema, None),
+    ]
+    for fmt, check, bias in formats:
+        kw = dict(**ASK, response_format=fmt, max_tokens=300, temperature=0, logit_bias=bias)
+        if stream:
+            chunks = list(oai.chat.completions.create(**kw, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            answer = oai.chat.completions.create(**kw)
+            text, finish = answer.choices[0].message.content, answer.choices[0].finish_reason
+        assert finish == "stop"
+        jsonschema.validate(json.loads(text), check)
+    body = _refused(
+        oai, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+    )
+    assert "not a valid json_schema" in body["message"]
+    assert _refused(oai, response_format={"type": "yaml"})["param"] == "response_format"
 
 
 # -- a model that answers with tool calls ---------------------------------------------------------
@@ -143,10 +219,6 @@ def scripted(tiny_ckpt, tmp_path_factory):
             yield _client(url)
     finally:
         assert server.stop() == 0, f"tritonserver did not exit cleanly; see {build / 'server.log'}"
-
-
-ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris, and the time?"}]}
-CALLS = [("get_weather", {"city": "Paris", "days": 3}), ("now", {})]
 
 
 def test_a_tool_call_answer(scripted):

@@ -12,7 +12,14 @@ import re
 import numpy as np
 import pytest
 
-from maverick.serving.request import InvalidRequest, from_tensors, numpy_inputs, parse_request, to_tensors
+from maverick.serving.request import (
+    InvalidRequest,
+    from_tensors,
+    numpy_inputs,
+    parse_batch,
+    parse_request,
+    to_tensors,
+)
 from maverick.serving.step_output import (
     RETURN_LOG_PROBS,
     RETURN_NUM_INPUT_TOKENS,
@@ -217,3 +224,82 @@ def test_log_probs_choices_and_logit_bias_are_checked(tokenizer, fields, message
     with pytest.raises(InvalidRequest) as err:
         parse_request(numpy_inputs({"text_input": "hi", "max_tokens": 3, **fields}), tokenizer)
     assert str(err.value) == message
+
+
+# -- TensorRT-LLM's inputs ---------------------------------------------------------------------------
+def test_embedding_bias_is_trtllms_every_token_of_each_word_summed(tokenizer, tiny_ckpt):
+    """TensorRT-LLM's preprocessing: encode(word) with the tokenizer's defaults (BOS included),
+    the word's weight added to each of its tokens' bias, repeats summed; with logit_bias, summed."""
+    words, weights = ["sunny", "sun", "rain"], [2.0, 0.5, -3.0]
+    fields = {"text_input": "hi", "logit_bias": json.dumps({"7": 1.0})}
+    inputs = numpy_inputs(fields)
+    inputs["embedding_bias_words"] = np.array([[w.encode() for w in words]], dtype=object)
+    inputs["embedding_bias_weights"] = np.array([weights], dtype=np.float32)
+    from transformers import AutoTokenizer  # what TensorRT-LLM's preprocessing tokenizes with
+
+    hf = AutoTokenizer.from_pretrained(tiny_ckpt)
+    want: dict[int, float] = {7: 1.0}
+    for word, weight in zip(words, weights, strict=True):
+        for token in hf.encode(word):
+            want[token] = want.get(token, 0.0) + weight
+    got = dict(parse_request(inputs, tokenizer).params.logit_bias)
+    assert got == pytest.approx(want) and got[tokenizer.bos_id] == pytest.approx(sum(weights))
+    inputs["embedding_bias_weights"] = np.array([[1.0]], dtype=np.float32)
+    with pytest.raises(InvalidRequest, match="3 words but embedding_bias_weights 1 weights"):
+        parse_request(inputs, tokenizer)
+    del inputs["embedding_bias_weights"]
+    with pytest.raises(InvalidRequest, match="go together"):
+        parse_request(inputs, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"beam_width": 4}, "beam_width must be 1 (beam search is not supported), got 4"),
+        ({"pad_id": -1}, "pad_id must be a token id in [0, 4048), got -1"),
+        ({"guided_decoding_guide_type": "xml", "guided_decoding_guide": "<a/>"}, "must be one of json"),
+        ({"guided_decoding_guide_type": "regex"}, "guided_decoding_guide is required"),
+        ({"guided_decoding_guide": "[a-z]+"}, "guided_decoding_guide_type must be one of"),
+    ],
+)
+def test_trtllm_inputs_are_checked(tokenizer, fields, message):
+    with pytest.raises(InvalidRequest) as err:
+        parse_request(numpy_inputs({"text_input": "hi", **fields}), tokenizer)
+    assert message in str(err.value)
+
+
+def test_trtllm_inputs_that_change_nothing_here_are_accepted(tokenizer):
+    plain = parse_request(numpy_inputs({"text_input": "hi"}), tokenizer)
+    same = parse_request(
+        numpy_inputs({"text_input": "hi", "beam_width": 1, "length_penalty": 1.7, "pad_id": 0}), tokenizer
+    )
+    assert same == plain
+    guided = parse_request(
+        numpy_inputs({"text_input": "hi", "guided_decoding_guide_type": "json"}), tokenizer
+    )
+    assert guided.params.guided_decoding == ("json", "")
+
+
+def test_a_batched_request_is_its_prompts_each_tagged(tokenizer):
+    prompts = ["one", "two two", "three three three"]
+    inputs = {
+        "text_input": np.array([[p.encode()] for p in prompts], dtype=object),
+        "max_tokens": np.array([[3], [4], [5]], dtype=np.int32),
+        "stream": np.array([[True]] * 3),
+    }
+    reqs = parse_batch(inputs, tokenizer)
+    assert [r.params.max_tokens for r in reqs] == [3, 4, 5]
+    assert [(r.options.batch_index, r.options.batch_size) for r in reqs] == [(0, 3), (1, 3), (2, 3)]
+    assert [r.prompt.token_ids for r in reqs] == [tokenizer.encode(p, add_bos=True) for p in prompts]
+    back = from_tensors(to_tensors(*reqs))  # padded to the longest, and back
+    assert [(b.prompt.token_ids, b.params, b.options) for b in back] == [
+        (r.prompt.token_ids, r.params, r.options) for r in reqs
+    ]
+    bad = {**inputs, "max_tokens": np.array([[3], [0], [5]], dtype=np.int32)}
+    with pytest.raises(InvalidRequest, match="batch index 1: max_tokens must be"):
+        parse_batch(bad, tokenizer)
+    with pytest.raises(InvalidRequest, match="the same batch size"):
+        parse_batch({**inputs, "max_tokens": np.array([[3]], dtype=np.int32)}, tokenizer)
+    mixed = {**inputs, "stream": np.array([[True], [False], [True]])}
+    with pytest.raises(InvalidRequest, match="stream must be the same"):
+        parse_batch(mixed, tokenizer)

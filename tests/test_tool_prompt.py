@@ -228,7 +228,7 @@ def _fn(**function):
         ([_fn(name="f", description=3)], "description must be a string"),
         ([_fn(name="f", parameters=[])], "parameters must be a JSON Schema object"),
         ([_fn(name="f", strict="yes")], "strict must be a boolean"),
-        ([_fn(name="f", strict=True)], "needs constrained decoding"),
+        ([_fn(name="f", strict=True)], r"strict=true \(arguments held to their schema\) is not supported"),
         ([_fn(name=f"f{i}") for i in range(MAX_TOOLS + 1)], f"{MAX_TOOLS + 1} tools; at most {MAX_TOOLS}"),
         ([_fn(name="f", description="x" * (300 << 10))], "bytes as JSON; at most"),
     ],

@@ -135,7 +135,9 @@ def test_default_flags_and_batch_inputs(triton, engine_answer, streaming):
     for p in PROMPTS:
         _, outs = engine_answer(text_input=p, max_tokens=12, temperature=0.0)
         want.append("".join(o.text for o in outs))
-    echoed = [p + w for p, w in zip(PROMPTS, want, strict=True)]  # exclude_input_in_output false
+    # exclude_input_in_output false: the prompt first, not streamed (streamed, never: its check
+    # --check-outputs expects exactly this)
+    echoed = [p + w for p, w in zip(PROMPTS, want, strict=True)] if not streaming else want
     single = run(triton.grpc_url, PROMPTS, _greedy(streaming=streaming))
     assert not single.errors and single.texts == [[t] for t in echoed]
     batched = run(triton.grpc_url, PROMPTS, _greedy(streaming=streaming, batch_inputs=True))
@@ -280,3 +282,45 @@ def test_inputs_for_other_models_are_refused_by_name(triton, name, value, reason
     with GrpcClient(triton.grpc_url) as client, pytest.raises(ServerError) as err:
         list(client.stream_inputs(inputs))
     assert name in err.value.message and reason in err.value.message
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+def test_guided_decoding_json_and_json_schema(triton, streaming):
+    """`--guided-decoding-guide-type json` (any JSON) and json_schema with its guide: the tiny
+    model's gibberish parses, and validates against the schema."""
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "days": {"type": "integer", "maximum": 9},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }
+    for kind, guide in (("json", None), ("json_schema", json.dumps(schema))):
+        flags = Flags(output_len=256, temperature=0.0, streaming=streaming, exclude_input_in_output=True,
+                      guided_decoding_guide_type=kind, guided_decoding_guide=guide)  # fmt: skip
+        got = run(triton.grpc_url, PROMPTS[:2], flags)
+        assert not got.errors and len(got.texts) == 2
+        for (text,) in got.texts:
+            value = json.loads(text)
+            if kind == "json_schema":
+                jsonschema.validate(value, schema)
+
+
+@pytest.mark.parametrize(
+    "kind, guide, message",
+    [
+        ("xml", "<a/>", "guided_decoding_guide_type must be one of json, json_schema, regex"),
+        ("regex", None, "guided_decoding_guide is required"),
+        ("regex", "(unclosed", "not a valid regex"),
+    ],
+)
+def test_a_bad_guide_is_refused_clearly(triton, kind, guide, message):
+    flags = _greedy(guided_decoding_guide_type=kind, guided_decoding_guide=guide)
+    got = run(triton.grpc_url, PROMPTS[:1], flags)
+    assert len(got.errors) == 1 and message in got.errors[0] and not got.results

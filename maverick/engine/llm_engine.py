@@ -25,6 +25,7 @@ from maverick.engine.api import DTYPES, EngineConfig, Prompt, RequestOutput, Sam
 from maverick.engine.block_manager import BlockManager
 from maverick.engine.errors import RequestError
 from maverick.engine.execution import resolve_modes
+from maverick.engine.guided import Grammars
 from maverick.engine.model_runner import ModelRunner
 from maverick.engine.parallel import TensorParallelRanks, join_group, rank_device
 from maverick.engine.sampler import SamplerOutput, SamplingState, sample
@@ -154,6 +155,9 @@ class LLMEngine:
         )
         self.vocab_size = mcfg.text.vocab_size
         self.eos_ids = frozenset(self.tokenizer.stop_ids) | frozenset(mcfg.text.eos_token_ids)
+        self.grammars = Grammars(
+            config.model_dir, self.vocab_size, self.eos_ids, overlap=self.device.type == "cuda"
+        )
         # every unfinished request's choices (n > 1: SamplingParams.n), choice i at index i
         self.requests: dict[str, list[Sequence]] = {}
         # choices 1..n-1 of requests whose choice 0 has yet to compute the prompt (see _release_choices)
@@ -167,7 +171,8 @@ class LLMEngine:
         self.rank_failure = reason
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do with one)."""
+        """Stop the other tensor-parallel ranks (nothing to do with one) and the grammar thread."""
+        self.grammars.close()
         if self.ranks is not None:
             self.ranks.shutdown()
             self.ranks = None
@@ -223,15 +228,20 @@ class LLMEngine:
                 raise RequestError(
                     f"image {i}: pixel values must be [tiles, 3, {vcfg.image_size}, {vcfg.image_size}]"
                 )
+        grammar = self.grammars.compile(*params.guided_decoding) if params.guided_decoding else None
         try:
             bad_words = [*params.bad_words_ids, *self._bad_words_ids(params.bad_words)]
             arrival = time.monotonic()
-            return [
+            seqs = [
                 self._sequence(request_id, i, prompt, params.for_choice(i), bad_words, arrival)
                 for i in range(params.n)
             ]
         except ValueError as e:
             raise RequestError(str(e)) from None
+        if grammar is not None:  # each choice walks the grammar on its own
+            for seq in seqs:
+                seq.grammar = self.grammars.matcher(grammar, sorted(seq.sampling.stop_ids))
+        return seqs
 
     def _check_logits_size(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         rows = num_prompt_tokens * params.return_context_logits
@@ -337,12 +347,22 @@ class LLMEngine:
         outputs = [self._finish_output(s, [], self._flush(s)) for s in sched.out_of_memory]
         if sched.is_empty:
             return outputs
+        # guided sequences that sample this step: their token masks are filled during the forward
+        guided = [
+            s for s, n in zip(sched.seqs, sched.num_new_tokens, strict=True)
+            if s.grammar is not None and s.num_computed_tokens + n == s.num_tokens
+        ]  # fmt: skip
+        masks = self.grammars.start_masks(guided)
         try:
             logits, sample_seqs = self.runner.execute(sched)
             for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
                 seq.num_computed_tokens += n
                 self.block_manager.cache_full_blocks(seq)
-            sampled = sample(logits, [s.sampling for s in sample_seqs])
+            bitmask = None
+            if masks is not None:
+                row = {id(s): i for i, s in enumerate(sample_seqs)}
+                bitmask = [row[id(s)] for s in guided], masks.result()
+            sampled = sample(logits, [s.sampling for s in sample_seqs], bitmask)
         except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
             if self.ranks is not None:  # the other ranks may wait in a collective: the engine is done
                 reason = self.ranks.failure(wait_s=2.0) or f"a tensor-parallel step failed: {e}"
@@ -378,7 +398,13 @@ class LLMEngine:
         self.num_generated_tokens += 1
         p = seq.params
         reason = None
-        if token in seq.sampling.stop_ids:  # the sampler masks them until min_tokens
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            # only a step whose guided row had no allowed token at all can get here
+            seq.error = f"guided decoding: token {token} is outside the grammar (nothing else was allowed)"
+            reason = FinishReason.ERROR
+        elif token in seq.sampling.stop_ids:  # the sampler masks them until min_tokens
+            reason = FinishReason.STOP
+        elif seq.grammar is not None and seq.grammar.is_terminated():  # the grammar ended the answer
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from maverick.engine.guided import apply_bitmask
 from maverick.engine.sampling_params import SamplingParams
 
 
@@ -278,8 +279,15 @@ def _sample_random(logits: torch.Tensor, states: Seq[SamplingState]) -> torch.Te
     return (probs / q).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, states: Seq[SamplingState]) -> SamplerOutput:
-    """One token per row. logits [N, V] (fp32; not modified), states[i] describes row i."""
+def sample(
+    logits: torch.Tensor,
+    states: Seq[SamplingState],
+    token_bitmask: tuple[list[int], torch.Tensor] | None = None,
+) -> SamplerOutput:
+    """One token per row. logits [N, V] (fp32; not modified), states[i] describes row i.
+    `token_bitmask`: (rows, xgrammar's packed bitmask [len(rows), ceil(V / 32)]): the only tokens
+    those rows may take (guided decoding; applied after bias and penalties, so it constrains the
+    choice, not the log-probs)."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         shape = tuple(logits.shape)
         raise ValueError(f"logits must be [N, vocab] with N = {len(states)} (one row per state), got {shape}")
@@ -292,6 +300,8 @@ def sample(logits: torch.Tensor, states: Seq[SamplingState]) -> SamplerOutput:
     apply_penalties(work, states)
     apply_min_tokens(work, states)
     apply_bad_words(work, states)
+    if token_bitmask is not None:
+        apply_bitmask(work, *token_bitmask)
 
     greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
     if len(greedy) == n:

@@ -30,6 +30,9 @@ MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 MAX_N = 16  # choices per request
 MAX_LOGIT_BIAS = 300  # entries, as the OpenAI API
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
+# guided decoding: TensorRT-LLM's guide types (maverick/engine/guided.py), and the guide's size
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar", "structural_tag")
+MAX_GUIDE_BYTES = 64 << 10
 
 
 def _is_int(v: Any) -> bool:
@@ -110,6 +113,9 @@ class SamplingParams:
     # and of every sampled position (its generation logits)
     return_context_logits: bool = False
     return_generation_logits: bool = False
+    # (guide type, guide): the output held to a grammar (GUIDE_TYPES; the guide may be empty for
+    # "json": any JSON value), checked and compiled by the engine (engine/guided.py)
+    guided_decoding: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -143,6 +149,28 @@ class SamplingParams:
         set_("top_logprobs", _int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS))
         if self.top_logprobs and not self.logprobs:
             raise _fail("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
+        set_("guided_decoding", self._guide(self.guided_decoding))
+
+    @staticmethod
+    def _guide(guide: Any) -> tuple[str, str] | None:
+        if guide is None:
+            return None
+        if (
+            not isinstance(guide, (list, tuple))
+            or len(guide) != 2
+            or not all(isinstance(g, str) for g in guide)
+        ):
+            raise _fail("guided_decoding", guide, "(guide type, guide), two strings")
+        kind, text = guide
+        if kind not in GUIDE_TYPES:
+            raise _fail("guided_decoding", kind, "a guide type of " + ", ".join(GUIDE_TYPES))
+        if not text and kind != "json":
+            raise SamplingParamsError(
+                f"guided_decoding: a {kind} guide needs its text (only json goes without)"
+            )
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_GUIDE_BYTES:
+            raise SamplingParamsError(f"guided_decoding: the guide is more than {MAX_GUIDE_BYTES} bytes")
+        return kind, text
 
     @staticmethod
     def _stop_strings(stop: Any) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,6 +72,8 @@ class Sequence:
     context_logits: list[torch.Tensor] = field(default_factory=list)
     num_context_logits: int = 0  # prompt positions covered by context_logits
     context_logits_sent: bool = False
+    # with params.guided_decoding: its xgrammar GrammarMatcher (engine/guided.py), fed each token
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         # patch_rank[i] = number of <|patch|> tokens in the prompt before position i (length n + 1),

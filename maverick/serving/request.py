@@ -27,7 +27,7 @@ import torch
 
 from maverick.engine.api import DEFAULT_MAX_TOKENS, ImageInput, Prompt, SamplingParams
 from maverick.engine.errors import SamplingParamsError
-from maverick.engine.sampling_params import MAX_BAD_WORDS, MAX_STOP_STRINGS, MAX_WORD_BYTES
+from maverick.engine.sampling_params import GUIDE_TYPES, MAX_BAD_WORDS, MAX_STOP_STRINGS, MAX_WORD_BYTES
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
 from maverick.serving.step_output import (
@@ -251,7 +251,8 @@ def parse_request(
         raise InvalidRequest(str(e)) from None
     options = ResponseOptions(
         stream=bool(flags["stream"]),
-        echo_text=None if flags["exclude_input_in_output"] in (None, True) else echo,
+        # TensorRT-LLM's: the prompt comes back only in a non-streamed answer
+        echo_text=None if flags["exclude_input_in_output"] in (None, True) or flags["stream"] else echo,
         default_max_tokens="max_tokens" not in inputs,
         return_num_input_tokens=bool(flags["return_num_input_tokens"]),
         return_num_output_tokens=bool(flags["return_num_output_tokens"]),
@@ -413,11 +414,15 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Toke
         for token, b in embedding.items():
             merged[token] = merged.get(token, 0.0) + b
         fields["logit_bias"] = tuple(merged.items())
-    guide = _string(inputs, "guided_decoding_guide_type"), _string(inputs, "guided_decoding_guide")
-    if guide != (None, None):
-        raise InvalidRequest(
-            "guided_decoding_guide_type / guided_decoding_guide: guided decoding is not available yet"
-        )
+    kind, guide = _string(inputs, "guided_decoding_guide_type"), _string(inputs, "guided_decoding_guide")
+    if kind is not None or guide is not None:
+        if kind not in GUIDE_TYPES:
+            raise InvalidRequest(
+                f"guided_decoding_guide_type must be one of {', '.join(GUIDE_TYPES)}, got {kind!r}"
+            )
+        if not guide and kind != "json":
+            raise InvalidRequest(f"guided_decoding_guide is required with guided_decoding_guide_type {kind}")
+        fields["guided_decoding"] = (kind, guide or "")
     try:
         return SamplingParams(**fields)
     except SamplingParamsError as e:
