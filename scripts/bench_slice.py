@@ -42,6 +42,7 @@ published 3,164 tokens/s (`VLLM_REFERENCE`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -195,16 +196,13 @@ def small_workload() -> Workload:
         "vocab_size": 8 * 512,
         "attention_chunk_size": 256,
     }
-    return Workload(
+    return dataclasses.replace(
+        maverick_workload(),
         name="small",
-        tp=8,
         cfg=rank_text_config(text, 8),
         full_vocab=text["vocab_size"],
-        decode_batches=(1, 8, 32, 64),
         decode_contexts=(64, 256),
         prefill_lens=(32, 128),
-        block_size=16,
-        concurrency=64,
         input_tokens=32,
         output_tokens=32,
     )
