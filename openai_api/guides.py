@@ -12,6 +12,8 @@ guided_decoding_guide, held to by xgrammar in the engine):
 from __future__ import annotations
 
 import json
+import keyword
+import unicodedata
 from typing import Any
 
 from openai_api.errors import bad_request
@@ -51,19 +53,45 @@ def _literal(text: str) -> str:
     return json.dumps(text)  # an EBNF string literal: JSON's quoting is xgrammar's
 
 
-# Python literals as tool_calls.py reads them (ast.literal_eval of keyword values)
+def _keyword_name(name: Any) -> bool:
+    """A property that can be a Python keyword argument as written, and parses back as itself."""
+    return (
+        isinstance(name, str)
+        and name.isidentifier()
+        and not keyword.iskeyword(name)
+        and unicodedata.normalize("NFKC", name) == name
+    )
+
+
+# Python literals as tool_calls.py reads them (ast.literal_eval of keyword values): strings with
+# Python's escapes and no control characters, numbers that stay finite, lists and dicts of them
 _VALUES = r"""
 value ::= string | number | "True" | "False" | "None" | list | dict
-string ::= "\"" ([^"\\\n] | "\\" [\"\\/bfnrtu'])* "\"" | "'" ([^'\\\n] | "\\" [\"\\/bfnrtu'])* "'"
-number ::= "-"? ("0" | [1-9] [0-9]*) ("." [0-9]+)? ([eE] [-+]? [0-9]+)?
+string ::= "\"" ([^"\\\x00-\x1f] | escape)* "\"" | "'" ([^'\\\x00-\x1f] | escape)* "'"
+escape ::= "\\" ([\"\\'bfnrt] | "u" [0-9a-fA-F]{4})
+number ::= "-"? ("0" | [1-9] [0-9]{0,15}) ("." [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})?
 list ::= "[" (value (", " value)*)? "]"
 dict ::= "{" (string ": " value (", " string ": " value)*)? "}"
 """
 
 
+def _arguments(i: int, keys: list[str]) -> list[str]:
+    """Rules for call i's keyword arguments: each of `keys` at most once, in the schema's order
+    (so no keyword repeats, which Python refuses): first{i}_j starts with key j or a later one,
+    rest{i}_j continues after a comma."""
+    n = len(keys)
+    rules = [f'first{i}_{n} ::= ""', f'rest{i}_{n} ::= ""']
+    for j in reversed(range(n)):
+        arg = f"{_literal(keys[j] + '=')} value"
+        rules.append(f"first{i}_{j} ::= {arg} rest{i}_{j + 1} | first{i}_{j + 1}")
+        rules.append(f'rest{i}_{j} ::= ", " {arg} rest{i}_{j + 1} | rest{i}_{j + 1}')
+    return rules
+
+
 def forced_tool_calls(tools: list, choice: Any, parallel: bool) -> str:
     """An EBNF grammar (xgrammar's) for a Llama 4 tool-call list: any of the tools for
-    tool_choice "required", the named one otherwise; one call unless `parallel`."""
+    tool_choice "required", the named one otherwise; one call unless `parallel`. Keywords are the
+    tools' schema properties (those a Python call can carry), each at most once, in schema order."""
     by_name = {
         t["function"]["name"]: t["function"]
         for t in tools
@@ -83,12 +111,9 @@ def forced_tool_calls(tools: list, choice: Any, parallel: bool) -> str:
     for i, name in enumerate(names):
         params = by_name[name].get("parameters") or {}
         props = params.get("properties") if isinstance(params, dict) else None
-        keys = [k for k in (props or {}) if isinstance(k, str) and k.isidentifier()]
-        arg = f'arg{i} ::= ({" | ".join(_literal(k) for k in keys)}) "=" value' if keys else None
-        args = f'(arg{i} (", " arg{i})*)?' if keys else ""
-        rules.append(f'call{i} ::= {_literal(name)} "(" {args} ")"')
-        if arg:
-            rules.append(arg)
+        keys = [k for k in (props if isinstance(props, dict) else {}) if _keyword_name(k)]
+        rules.append(f'call{i} ::= {_literal(name + "(")} first{i}_0 ")"')
+        rules += _arguments(i, keys)
     call = " | ".join(f"call{i}" for i in range(len(names)))
     root = 'root ::= "[" call (", " call)* "]"' if parallel else 'root ::= "[" call "]"'
     return "\n".join([root, f"call ::= {call}", *rules]) + _VALUES

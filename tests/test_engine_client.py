@@ -232,3 +232,34 @@ def test_stats_follow_the_engine_and_the_rate_drops_to_zero_when_idle(client, ti
     monkeypatch.setattr(llm_engine, "RATE_WINDOW_S", 0.05)  # no step for a whole window since
     time.sleep(0.1)
     assert client.stats()["generation_tokens_per_s"] == 0.0
+
+
+def test_guided_requests_compile_off_the_loop_and_join_the_batch(client, tiny_ckpt):
+    """Guided requests are compiled on the core's worker and then run beside a plain one, which
+    keeps its tokens; a guide that does not compile is the request's error; aborting one while it
+    compiles leaves nothing behind."""
+    import re
+
+    prompts = _prompts(tiny_ckpt, 3)
+    regex = SamplingParams(max_tokens=64, temperature=0.0, guided_decoding=("regex", r"(yes|no)[0-9]{2}!"))
+
+    async def main():
+        plain, guided = await asyncio.gather(
+            collect(client, "plain", prompts[0], GREEDY), collect(client, "guided", prompts[1], regex)
+        )
+        with pytest.raises(RequestError, match="not a valid regex"):
+            await collect(client, "bad", prompts[2], SamplingParams(guided_decoding=("regex", "(")))
+        stream = client.generate("gone", prompts[2], regex)  # aborted before it yields anything
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await task
+        await stream.aclose()
+        return plain, guided
+
+    plain, guided = asyncio.run(main())
+    alone = asyncio.run(collect(client, "alone", prompts[0], GREEDY))
+    assert plain[0] == alone[0]
+    assert re.fullmatch(r"(yes|no)[0-9]{2}!", guided[1]) and guided[2].finish_reason == "stop"
+    assert _wait_for(lambda: client.stats()["num_running"] == 0 and client.stats()["kv_blocks_used"] == 0)

@@ -159,3 +159,46 @@ def test_json_strings_admit_no_control_characters(tiny_ckpt):
         matcher = engine.grammars.matcher(engine.grammars.compile(kind, guide), [])
         assert matcher.accept_string('{"a": "x' if guide else '["x')
         assert not matcher.accept_string("\x14") and matcher.accept_string('y"')
+
+
+def test_min_tokens_is_refused_with_a_guide():
+    """The grammar may end before min_tokens, when only the (then masked) end tokens are left."""
+    with pytest.raises(ValueError, match="min_tokens must be 0 with guided decoding"):
+        SamplingParams(min_tokens=3, guided_decoding=("regex", "yes"))
+
+
+def test_trtllm_structural_tag_format(tiny_ckpt, prompts):
+    """TensorRT-LLM's structural tags: {"structures": [{begin, schema, end}], "triggers": [...]}."""
+    tag = {
+        "structures": [{"begin": "<f>", "schema": {"type": "object", "properties": {"a": {"enum": [1, 2]}},
+                                                   "required": ["a"]}, "end": "</f>"}],
+        "triggers": ["<f>"],
+    }  # fmt: skip
+    engine = make_engine(tiny_ckpt)
+    matcher = engine.grammars.matcher(engine.grammars.compile("structural_tag", json.dumps(tag)), [])
+    assert matcher.accept_string('free text <f>{"a": 2}</f> more')
+    assert not matcher.accept_string('<f>{"a": 3}')
+
+
+def test_forced_tool_call_grammar_admits_only_calls_the_parser_reads(tiny_ckpt):
+    """openai_api/guides.py's grammar for a forced tool_choice: Python keywords (`from`) and
+    repeated keywords are not admitted (Python would refuse them), nor bad escapes or numbers that
+    overflow; what it admits, the tool-call parser reads as calls."""
+    from openai_api import tool_calls
+    from openai_api.guides import forced_tool_calls
+
+    send = {"type": "function", "function": {"name": "send", "parameters": {
+        "type": "object", "properties": {"to": {}, "from": {}, "body": {}, "ﬁle": {}}}}}  # fmt: skip
+    now = {"type": "function", "function": {"name": "now"}}
+    engine = make_engine(tiny_ckpt)
+    grammar = engine.grammars.compile("ebnf_grammar", forced_tool_calls([send, now], "required", True))
+    admitted = ['[send(to="a", body=1)]', "[send()]", '[now(), send(body=[1, {"k": None}])]',
+                '[send(to="\\u00e9\\n")]', "[send(to='x\\'y')]"]  # fmt: skip
+    refused = ['[send(to="a", to="b")]', "[send(from=1)]", '[send(to="\\u")]', "[send(body=1e999)]",
+               '[send(body=1, to="a")]', "[send(ﬁle=1)]", '[send(to="\x01")]']  # fmt: skip
+    for text in admitted + refused:
+        matcher = engine.grammars.matcher(grammar, [])
+        ok = matcher.accept_string(text) and matcher.is_completed()
+        assert ok == (text in admitted), text
+        if ok:
+            assert tool_calls.parse(text, True).tool_calls, text

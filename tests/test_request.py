@@ -303,3 +303,39 @@ def test_a_batched_request_is_its_prompts_each_tagged(tokenizer):
     mixed = {**inputs, "stream": np.array([[True], [False], [True]])}
     with pytest.raises(InvalidRequest, match="stream must be the same"):
         parse_batch(mixed, tokenizer)
+
+
+def test_odd_step_tensors_from_a_direct_caller_are_bad_requests(tokenizer):
+    good = to_tensors(parse_request(numpy_inputs({"text_input": "hi", "max_tokens": 3}), tokenizer))
+    meta = json.loads(good["request"][0, 0])
+    cases = {
+        "empty request": {**good, "request": np.zeros((1, 0), dtype=object)},
+        "batch index past the batch": {
+            **good,
+            "request": np.array(
+                [[json.dumps({**meta, "options": {**meta["options"], "batch_index": 2**70}})]], dtype=object
+            ),
+        },  # fmt: skip
+        "a flag that is not a boolean": {
+            **good,
+            "request": np.array(
+                [[json.dumps({**meta, "options": {**meta["options"], "stream": "yes"}})]], dtype=object
+            ),
+        },  # fmt: skip
+    }
+    for name, tensors in cases.items():
+        with pytest.raises(InvalidRequest, match="malformed request tensor"):
+            from_tensors(tensors)
+            pytest.fail(name)
+
+
+def test_a_batch_asking_for_too_many_logits_is_refused(tokenizer):
+    inputs = {
+        "text_input": np.array([[b"hello there"]] * 64, dtype=object),
+        "max_tokens": np.full((64, 1), 300, dtype=np.int32),
+        "return_generation_logits": np.ones((64, 1), dtype=bool),
+    }
+    with pytest.raises(InvalidRequest, match="rows of logits"):
+        parse_batch(inputs, tokenizer)
+    with pytest.raises(InvalidRequest, match="1 to 64 prompts"):
+        parse_batch({k: np.concatenate([v, v[:1]]) for k, v in inputs.items()}, tokenizer)

@@ -27,6 +27,7 @@ import pickle
 import signal
 import sys
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
 from maverick.engine.api import RequestOutput
@@ -35,6 +36,7 @@ from maverick.engine.llm_engine import LLMEngine
 from maverick.engine.stream_policy import Coalescer
 
 log = logging.getLogger("maverick.engine_core")
+COMPILE_POLL_S = 0.002  # idle but for grammars being compiled: how often to look whether one is done
 
 
 _send_lock = threading.Lock()  # the loop and a tensor-parallel watchdog both report
@@ -51,39 +53,79 @@ def recv(conn: Connection) -> tuple:
 
 
 def run(conn: Connection, engine: LLMEngine) -> None:
-    """Serve until "shutdown" (returns) or the client's end closes (EOFError, OSError)."""
-    max_waiting = engine.config.max_num_waiting
-    coalescer = Coalescer(engine.config.stream_interval)
-    while True:
-        # Block while idle; with work, take only what has arrived and step.
-        messages = [] if engine.has_unfinished() else [recv(conn)]
+    """Serve until "shutdown" (returns) or the client's end closes (EOFError, OSError).
+
+    A guided request's grammar is compiled on a worker thread (a large grammar takes a second, and
+    every stream waits on this loop); the request joins the engine once its grammar is compiled."""
+    with ThreadPoolExecutor(1, "maverick-grammar-compile") as pool:
+        _Loop(conn, engine, pool).serve()
+
+
+class _Loop:
+    def __init__(self, conn: Connection, engine: LLMEngine, pool: ThreadPoolExecutor):
+        self.conn, self.engine, self.pool = conn, engine, pool
+        self.coalescer = Coalescer(engine.config.stream_interval)
+        self.compiling: dict[str, Future] = {}  # request id -> its make_request on the worker
+
+    def serve(self) -> None:
+        engine = self.engine
+        while True:
+            messages = self._receive()
+            outputs: list[RequestOutput] = []
+            errors: list[tuple[str, str, str]] = []
+            for message in messages:
+                kind = message[0]
+                if kind == "add":
+                    self._add(*message[1:], errors)
+                elif kind == "abort":
+                    if (compiling := self.compiling.pop(message[1], None)) is not None:
+                        compiling.cancel()  # or, compiled already, dropped here unqueued
+                    outputs += engine.abort(message[1])
+                elif kind == "shutdown":
+                    return
+                else:
+                    raise ValueError(f"unknown message {kind!r}")
+            self._add_compiled(errors)
+            if engine.has_unfinished():
+                outputs += engine.step()
+            outputs = self.coalescer.push(outputs)
+            if outputs or errors:
+                send(self.conn, ("step", outputs, errors, engine.stats()))
+
+    def _receive(self) -> list[tuple]:
+        """Block while idle (but for grammars being compiled: a short wait); with work, take only
+        what has arrived."""
+        conn = self.conn
+        if self.engine.has_unfinished():
+            messages = []
+        elif self.compiling:
+            messages = [recv(conn)] if conn.poll(COMPILE_POLL_S) else []
+        else:
+            messages = [recv(conn)]
         while conn.poll():
             messages.append(recv(conn))
-        outputs: list[RequestOutput] = []
-        errors: list[tuple[str, str, str]] = []
-        for message in messages:
-            kind = message[0]
-            if kind == "add":
-                _, request_id, prompt, params = message
-                waiting = len(engine.scheduler.waiting)
-                if waiting >= max_waiting:
-                    errors.append((request_id, "overloaded", str(overloaded(waiting))))
-                    continue
-                try:
-                    engine.add_request(request_id, prompt, params)
-                except RequestError as e:
-                    errors.append((request_id, "request", str(e)))
-            elif kind == "abort":
-                outputs += engine.abort(message[1])
-            elif kind == "shutdown":
-                return
-            else:
-                raise ValueError(f"unknown message {kind!r}")
-        if engine.has_unfinished():
-            outputs += engine.step()
-        outputs = coalescer.push(outputs)
-        if outputs or errors:
-            send(conn, ("step", outputs, errors, engine.stats()))
+        return messages
+
+    def _add(self, request_id: str, prompt, params, errors: list) -> None:
+        waiting = len(self.engine.scheduler.waiting) + len(self.compiling)
+        if waiting >= self.engine.config.max_num_waiting:
+            errors.append((request_id, "overloaded", str(overloaded(waiting))))
+        elif params.guided_decoding is not None:
+            make = self.engine.make_request  # validates and compiles; touches no engine state
+            self.compiling[request_id] = self.pool.submit(make, request_id, prompt, params)
+        else:
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except RequestError as e:
+                errors.append((request_id, "request", str(e)))
+
+    def _add_compiled(self, errors: list) -> None:
+        for request_id, done in [(r, f) for r, f in self.compiling.items() if f.done()]:
+            del self.compiling[request_id]
+            try:
+                self.engine.add_sequences(done.result())
+            except RequestError as e:
+                errors.append((request_id, "request", str(e)))
 
 
 def main(argv: list[str]) -> int:

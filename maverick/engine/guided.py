@@ -90,9 +90,17 @@ class Grammars:
                 return compiler.compile_regex(guide)
             if kind == "ebnf_grammar":
                 return compiler.compile_grammar(guide)
-            return compiler.compile_structural_tag(guide)
+            tag = json.loads(guide)
+            if isinstance(tag, dict) and "structures" in tag:  # TensorRT-LLM's: structures and triggers
+                xgr = self._xgrammar()
+                items = [
+                    xgr.StructuralTagItem(begin=s["begin"], schema=s["schema"], end=s["end"])
+                    for s in tag["structures"]
+                ]
+                return compiler.compile_structural_tag(items, tag.get("triggers", []))
+            return compiler.compile_structural_tag(guide)  # xgrammar's own, {"type": "structural_tag", ...}
         except json.JSONDecodeError as e:
-            raise RequestError(f"guided_decoding_guide: the json_schema is not valid JSON: {e}") from None
+            raise RequestError(f"guided_decoding_guide: the {kind} guide is not valid JSON: {e}") from None
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError / ValueError / its own
             message = _XGRAMMAR_NOISE.sub(
                 "", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

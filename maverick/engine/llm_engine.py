@@ -29,6 +29,7 @@ from maverick.engine.guided import Grammars
 from maverick.engine.model_runner import ModelRunner
 from maverick.engine.parallel import TensorParallelRanks, join_group, rank_device
 from maverick.engine.sampler import SamplerOutput, SamplingState, sample
+from maverick.engine.sampling_params import MAX_LOGITS_BYTES
 from maverick.engine.scheduler import Scheduler, SchedulerConfig
 from maverick.engine.sequence import FinishReason, Sequence, SequenceStatus
 from maverick.engine.stop import StopStringMatcher
@@ -40,9 +41,6 @@ log = logging.getLogger(__name__)
 
 # generation_tokens_per_s in stats() is measured over the steps of this many recent seconds
 RATE_WINDOW_S = 5.0
-# Logits a request may ask for (context + generation, fp32): 256 MiB is ~330 tokens of Llama 4's
-# 202,048-token vocabulary; more would be one response too large to pass through Triton in one go
-MAX_LOGITS_BYTES = 256 << 20
 
 
 def stats_as_of(stats: dict[str, float], taken_at: float) -> dict[str, float]:
@@ -352,8 +350,8 @@ class LLMEngine:
             s for s, n in zip(sched.seqs, sched.num_new_tokens, strict=True)
             if s.grammar is not None and s.num_computed_tokens + n == s.num_tokens
         ]  # fmt: skip
-        masks = self.grammars.start_masks(guided)
         try:
+            masks = self.grammars.start_masks(guided)
             logits, sample_seqs = self.runner.execute(sched)
             for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
                 seq.num_computed_tokens += n

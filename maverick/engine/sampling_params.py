@@ -33,6 +33,10 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # guided decoding: TensorRT-LLM's guide types (maverick/engine/guided.py), and the guide's size
 GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar", "structural_tag")
 MAX_GUIDE_BYTES = 64 << 10
+# Logits a request may ask for (context + generation, fp32), a batched request's prompts together:
+# 256 MiB is ~330 tokens of Llama 4's 202,048-token vocabulary; more would be one response too
+# large to pass through Triton in one go
+MAX_LOGITS_BYTES = 256 << 20
 
 
 def _is_int(v: Any) -> bool:
@@ -150,6 +154,11 @@ class SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise _fail("top_logprobs", self.top_logprobs, "0 unless logprobs is true")
         set_("guided_decoding", self._guide(self.guided_decoding))
+        if self.guided_decoding is not None and self.min_tokens:
+            # the grammar may end before min_tokens, when only the (masked) end tokens are left
+            raise SamplingParamsError(
+                "min_tokens must be 0 with guided decoding: the grammar decides where it ends"
+            )
 
     @staticmethod
     def _guide(guide: Any) -> tuple[str, str] | None:

@@ -27,7 +27,15 @@ import torch
 
 from maverick.engine.api import DEFAULT_MAX_TOKENS, ImageInput, Prompt, SamplingParams
 from maverick.engine.errors import SamplingParamsError
-from maverick.engine.sampling_params import GUIDE_TYPES, MAX_BAD_WORDS, MAX_STOP_STRINGS, MAX_WORD_BYTES
+from maverick.engine.sampling_params import (
+    GUIDE_TYPES,
+    LOGIT_BIAS_RANGE,
+    MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGITS_BYTES,
+    MAX_STOP_STRINGS,
+    MAX_WORD_BYTES,
+)
 from maverick.image import ImageError
 from maverick.prompt import MAX_IMAGES, build_chat_prompt, build_prompt
 from maverick.serving.step_output import (
@@ -44,6 +52,7 @@ from maverick.serving.step_output import (
 from maverick.tokenizer import Tokenizer
 
 MAX_TEXT_BYTES = 1 << 20  # 1 MiB of prompt text
+MAX_BATCH = 64  # prompts in a batched request: the ensemble's max_batch_size
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
 
 # input name -> SamplingParams field, for scalars that map one to one
@@ -273,6 +282,8 @@ def parse_batch(
     k = max(sizes.values(), default=1)
     if any(n != k for n in sizes.values()):
         raise InvalidRequest(f"every input of a batched request needs the same batch size, got {sizes}")
+    if not 1 <= k <= MAX_BATCH:
+        raise InvalidRequest(f"a request holds 1 to {MAX_BATCH} prompts, got {k}")
     if k == 1:
         return [parse_request(inputs, tokenizer, defaults, max_model_len)]
     reqs = []
@@ -287,6 +298,16 @@ def parse_batch(
         reqs.append(dataclasses.replace(req, options=options))
     if len({r.options.stream for r in reqs}) > 1:
         raise InvalidRequest("stream must be the same for every prompt of a batched request")
+    rows = sum(
+        len(r.prompt.token_ids) * r.params.return_context_logits
+        + r.params.n * r.params.max_tokens * r.params.return_generation_logits
+        for r in reqs
+    )
+    if rows * tokenizer.vocab_size * 4 > MAX_LOGITS_BYTES:
+        raise InvalidRequest(
+            f"the batch's prompts ask for {rows} rows of logits of {tokenizer.vocab_size} fp32 values "
+            f"together; at most {MAX_LOGITS_BYTES >> 20} MiB per request"
+        )
     return reqs
 
 
@@ -413,6 +434,12 @@ def _sampling(inputs: dict[str, np.ndarray], defaults: dict[str, Any], tok: Toke
         merged = dict(fields.get("logit_bias", ()))
         for token, b in embedding.items():
             merged[token] = merged.get(token, 0.0) + b
+        lo, hi = LOGIT_BIAS_RANGE
+        if len(merged) > MAX_LOGIT_BIAS or not all(lo <= b <= hi for b in merged.values()):
+            raise InvalidRequest(
+                f"embedding_bias_weights (with logit_bias) give {len(merged)} tokens a bias: at most "
+                f"{MAX_LOGIT_BIAS}, each summed bias in [{lo:g}, {hi:g}]"
+            )
         fields["logit_bias"] = tuple(merged.items())
     kind, guide = _string(inputs, "guided_decoding_guide_type"), _string(inputs, "guided_decoding_guide")
     if kind is not None or guide is not None:
@@ -529,9 +556,24 @@ def to_tensors(*reqs: GenerateRequest) -> dict[str, np.ndarray]:
 def from_tensors(t: dict[str, np.ndarray]) -> list[GenerateRequest]:
     """Inverse of to_tensors: the batch's requests, in order."""
     shapes = {name: arr.shape for name, arr in t.items()}
-    if any(len(s) < 2 for s in shapes.values()) or len({s[0] for s in shapes.values()}) != 1:
+    sizes = {s[0] if s else 0 for s in shapes.values()}
+    if any(len(s) < 2 for s in shapes.values()) or len(sizes) != 1 or 0 in sizes or t["request"].size == 0:
         raise InvalidRequest(f"malformed request tensors: shapes {shapes}")
     return [_from_row({name: arr[b] for name, arr in t.items()}) for b in range(t["request"].shape[0])]
+
+
+def _check_options(o: ResponseOptions) -> None:
+    """ResponseOptions as a direct caller of `maverick` may have written them (preprocessing's
+    are right): types and ranges, so that nothing odd reaches the packed responses."""
+    flags = (o.stream, o.default_max_tokens, o.flow_control, o.return_num_input_tokens,
+             o.return_num_output_tokens, o.return_perf_metrics)  # fmt: skip
+    if not all(isinstance(f, bool) for f in flags):
+        raise ValueError("the response options' flags must be booleans")
+    if o.echo_text is not None and not isinstance(o.echo_text, str):
+        raise ValueError("echo_text must be a string or null")
+    sizes = (o.batch_index, o.batch_size)
+    if not all(type(v) is int for v in sizes) or not 0 <= o.batch_index < o.batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_index / batch_size must be integers, 0 <= index < size <= {MAX_BATCH}")
 
 
 def _from_row(t: dict[str, np.ndarray]) -> GenerateRequest:
@@ -540,6 +582,7 @@ def _from_row(t: dict[str, np.ndarray]) -> GenerateRequest:
         params = SamplingParams(**meta["sampling"])
         options = ResponseOptions(**meta["options"])
         num_tokens, num_images = int(meta["num_tokens"]), int(meta["num_images"])
+        _check_options(options)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"malformed request tensor: {e}") from None
     except RecursionError:  # JSON nested deeper than the interpreter recurses
