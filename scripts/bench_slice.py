@@ -92,9 +92,10 @@ def detect_gpu(device: torch.device) -> GpuSpec | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    if "PCIe" in name or "NVL" in name:
+    if "PCIe" in name or "NVL" in name or "MIG" in name:  # other peaks, or a slice of the GPU
         return None
-    return next((s for s in GPU_SPECS if s.name.split()[0] in name), None)
+    words = name.replace("-", " ").split()
+    return next((s for s in GPU_SPECS if s.name.split()[0] in words), None)  # "H200", not "GH200"
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def layer_kinds(cfg: TextConfig) -> tuple[LayerKind, ...]:
 def expected_experts(num_experts: int, tokens: int) -> float:
     """E_B = E * (1 - (1 - 1/E)^B): distinct experts that B tokens touch in expectation when each
     is routed top-1 to one of E experts uniformly at random (each expert is missed by all B tokens
-    with probability (1 - 1/E)^B). E_1 = 1; E_64 ~ 50.6 of 128."""
+    with probability (1 - 1/E)^B). E_1 = 1; E_64 ~ 50.5 of 128."""
     return num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** tokens)
 
 
@@ -256,9 +257,11 @@ class WeightBytes:
     def total(self) -> int:
         return self.always + self.per_expert * self.num_experts
 
-    def read_by(self, tokens: int) -> float:
-        """Bytes a step of `tokens` tokens reads: the experts it touches in expectation (E_B)."""
-        experts = expected_experts(self.num_experts, tokens) if self.num_experts else 0.0
+    def read_by(self, tokens: int, experts: float | None = None) -> float:
+        """Bytes a step of `tokens` tokens reads: `experts` routed experts (measured), by default
+        those it touches in expectation (E_B)."""
+        if experts is None:
+            experts = expected_experts(self.num_experts, tokens) if self.num_experts else 0.0
         return self.always + self.per_expert * experts
 
 
@@ -314,15 +317,24 @@ def _gemm_flops(cfg: TextConfig, moe: bool, tokens: int) -> tuple[float, float]:
     return proj + 2 * tokens * H * E + 2 * tokens * 3 * H * cfg.intermediate_size + routed, routed
 
 
-def decode_work(cfg: TextConfig, layer: int, batch: int, context: int, act_bytes: int, fp8: bool) -> Work:
-    """A decode step of `batch` sequences, each at `context` tokens after the step. The fixed-shape
-    MoE kernel dequantises FP8 weights and multiplies in bf16: no FP8 tensor-core FLOPs."""
+def decode_work(
+    cfg: TextConfig,
+    layer: int,
+    batch: int,
+    context: int,
+    act_bytes: int,
+    fp8: bool,
+    experts: float | None = None,
+) -> Work:
+    """A decode step of `batch` sequences, each at `context` tokens after the step, its routed
+    experts `experts` (default E_B). The fixed-shape MoE kernel dequantises FP8 weights and
+    multiplies in bf16: no FP8 tensor-core FLOPs."""
     moe = cfg.is_moe(layer)
     keys = keys_seen(cfg, layer, context - 1)
     gemm, _ = _gemm_flops(cfg, moe, batch)
     attention = 4 * batch * keys * cfg.num_attention_heads * cfg.head_dim
     kv = batch * (keys + 1) * kv_bytes_per_token(cfg, act_bytes)  # read the window, write the new token
-    weights = layer_weight_bytes(cfg, moe, act_bytes, fp8).read_by(batch)
+    weights = layer_weight_bytes(cfg, moe, act_bytes, fp8).read_by(batch, experts)
     return Work(weights + kv, gemm + attention, 0.0)
 
 
@@ -441,6 +453,7 @@ class Timer:
         for _ in range(self.iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self.flush.zero_()
+            self.flush.sum()  # read back: L2 left holding clean lines, nothing to write back in the timing
             start.record()
             run()
             end.record()
@@ -479,11 +492,12 @@ def _paged_kv(cfg: TextConfig, wl: Workload, seqs: int, context: int, precision:
     return kv[0], tables
 
 
-def _experts_hit(layer: DecoderLayer, x: torch.Tensor) -> int:
-    """Distinct experts the router picks for x [T, H] (after the layer's post-attention norm: the
-    router's input in the forward, up to the attention output added before it)."""
+def _experts_hit(layer: DecoderLayer, x: torch.Tensor, tables, meta, kv) -> int:
+    """Distinct experts the router picks in the layer's forward of x [T, H] (its input: the
+    post-attention norm of x plus the attention's output, as DecoderLayer.forward computes it)."""
     with torch.inference_mode():
-        ids, _ = layer.feed_forward.router(layer.post_attention_layernorm(x))
+        h = x + layer.self_attn(layer.input_layernorm(x), tables, meta, kv)
+        ids, _ = layer.feed_forward.router(layer.post_attention_layernorm(h))
     return int(ids.unique().numel())
 
 
@@ -508,8 +522,10 @@ def measure_decode(
     pos_tables = PositionTables.build(positions, cfg)
     x = torch.randn(batch, cfg.hidden_size, dtype=precision.dtype, device=device)
     seconds = timer(lambda: layer(x, pos_tables, meta, kv), graph=True)
-    work = decode_work(cfg, kind.index, batch, context, precision.act_bytes, precision.fp8_experts)
     moe = cfg.is_moe(kind.index)
+    hit = _experts_hit(layer, x, pos_tables, meta, kv) if moe else None
+    # the bytes this step read: the experts its tokens were routed to (E_B, the expectation, beside)
+    work = decode_work(cfg, kind.index, batch, context, precision.act_bytes, precision.fp8_experts, hit)
     return Row(
         "decode",
         kind.key,
@@ -521,7 +537,7 @@ def measure_decode(
         work.flops,
         work.flops_fp8,
         expected_experts(cfg.num_local_experts, batch) if moe else None,
-        _experts_hit(layer, x) if moe else None,
+        hit,
     )
 
 
@@ -543,8 +559,9 @@ def measure_prefill(
     pos_tables = PositionTables.build(torch.arange(tokens, device=device), cfg)
     x = torch.randn(tokens, cfg.hidden_size, dtype=precision.dtype, device=device)
     seconds = timer(lambda: layer(x, pos_tables, meta, kv))
-    work = prefill_work(cfg, kind.index, tokens, precision.act_bytes, precision.fp8_experts)
     moe = cfg.is_moe(kind.index)
+    hit = _experts_hit(layer, x, pos_tables, meta, kv) if moe else None
+    work = prefill_work(cfg, kind.index, tokens, precision.act_bytes, precision.fp8_experts)
     return Row(
         "prefill",
         kind.key,
@@ -556,7 +573,7 @@ def measure_prefill(
         work.flops,
         work.flops_fp8,
         expected_experts(cfg.num_local_experts, tokens) if moe else None,
-        _experts_hit(layer, x) if moe else None,
+        hit,
     )
 
 
@@ -577,22 +594,41 @@ def decode_cases(wl: Workload) -> list[tuple[int, int]]:
     return grid + ([point] if point not in grid else [])
 
 
-def run_cases(wl: Workload, precision: Precision, timer: Timer, log=print) -> list[Row]:
+def run_cases(
+    wl: Workload, precision: Precision, timer: Timer, log=print, failures: list | None = None
+) -> list[Row]:
+    """Every case; one that fails (a GPU run gets one try) is logged into `failures` and the rest
+    go on, so that what did run is reported."""
     rows: list[Row] = []
+    failures = [] if failures is None else failures
+
+    def failed(label: str, e: Exception) -> None:
+        failures.append({"case": label, "error": f"{type(e).__name__}: {e}"})
+        log(f"  {label}: FAILED {type(e).__name__}: {e}")
+
+    def attempt(label: str, measure: Callable[..., Row], *args) -> None:
+        try:
+            rows.append(measure(*args))
+        except Exception as e:  # noqa: BLE001 - recorded, reported, and the next case runs
+            return failed(label, e)
+        log(f"  {label}: {rows[-1].time_s * 1e6:10.1f} us")
+
     for kind in layer_kinds(wl.cfg):
-        layer = randomize_(build_layer(wl.cfg, kind.index, precision, timer.device))
+        try:
+            layer = randomize_(build_layer(wl.cfg, kind.index, precision, timer.device))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other kinds still run
+            failed(f"build {kind.label}", e)
+            continue
         for batch, context in decode_cases(wl):
-            rows.append(measure_decode(layer, kind, wl, batch, context, precision, timer))
-            us = rows[-1].time_s * 1e6
-            log(f"  decode  {kind.label:<10} B={batch:<3} context={context:<5} {us:10.1f} us")
+            label = f"decode  {kind.label:<10} B={batch:<3} context={context:<5}"
+            attempt(label, measure_decode, layer, kind, wl, batch, context, precision, timer)
         for tokens in wl.prefill_lens:
-            rows.append(measure_prefill(layer, kind, wl, tokens, precision, timer))
-            log(f"  prefill {kind.label:<10} tokens={tokens:<5} {rows[-1].time_s * 1e3:10.2f} ms")
+            label = f"prefill {kind.label:<10} tokens={tokens:<5}"
+            attempt(label, measure_prefill, layer, kind, wl, tokens, precision, timer)
         del layer
     head = randomize_(build_lm_head(wl.cfg, precision, timer.device))
     for batch in wl.decode_batches:
-        rows.append(measure_lm_head(head, wl, batch, precision, timer))
-        log(f"  lm_head B={batch:<3} {rows[-1].time_s * 1e6:10.1f} us")
+        attempt(f"lm_head B={batch:<3}", measure_lm_head, head, wl, batch, precision, timer)
     return rows
 
 
@@ -768,6 +804,8 @@ def _md_lm_head(result: dict) -> list[str]:
 def _md_projection(result: dict) -> list[str]:
     wl, p, comm = result["workload"], result["projection"], result["assumptions"]["comm"]
     counts = " + ".join(f"{k['count']}*t_{k['key']}" for k in result["layer_kinds"])
+    if not p["steps"] or p["throughput"] is None:
+        return ["## Projection", "", "Not made: a case it needs failed (see Failures).", ""]
     n_ar = p["steps"][0]["all_reduces"]
     lines = [
         [
@@ -806,6 +844,12 @@ def _md_projection(result: dict) -> list[str]:
         f"- **projected output tokens/s: {t['output_tokens_per_s']:.0f}**",
         f"- reference: {ref['output_tokens_per_s']:.0f} output tokens/s, {ref['setup']} "
         f"({ref['provenance']}); ratio {t['ratio_to_reference']:.2f}",
+        "",
+        "Not counted, so the projection is an upper bound: sampling on rank 0 (a sort over the "
+        "vocabulary with top-p/top-k), the host's scheduling and step preparation, mixed "
+        "prefill + decode steps running on the reference path, and the FP8 prefill's per-layer "
+        "max all-reduce of the activation scales. The all-reduce latency alpha alone is "
+        f"{n_ar * comm['alpha_s'] * 1e3:.2f} ms of every step.",
     ]
     if result["meta"]["device"] != "cuda" or wl["name"] != "maverick-tp8":
         out += [
@@ -816,8 +860,15 @@ def _md_projection(result: dict) -> list[str]:
     return out
 
 
+def _md_failures(result: dict) -> list[str]:
+    if not result["failures"]:
+        return []
+    return ["## Failures", "", *(f"- {f['case']}: {f['error']}" for f in result["failures"]), ""]
+
+
 def markdown(result: dict) -> str:
     sections = [
+        _md_failures(result),
         _md_header(result),
         _md_layers(result, "decode"),
         _md_layers(result, "prefill"),
@@ -876,9 +927,23 @@ def run(args: argparse.Namespace, log=print) -> dict:
     timer = Timer(device, args.iters)
     torch.manual_seed(0)
     log(f"slice benchmark: {wl.name} on {device} ({precision.dtype}, experts {precision.experts})")
-    rows = run_cases(wl, precision, timer, log)
+    failures: list[dict] = []
+    rows = run_cases(wl, precision, timer, log, failures)
     cfg = wl.cfg
-    steps = [project_step(rows, wl, comm, b, c) for b, c in decode_cases(wl)]
+    measured = {(r.section, r.layer, r.tokens, r.context) for r in rows}
+    kinds = [k.key for k in layer_kinds(cfg)]
+
+    def complete(batch: int, context: int) -> bool:  # every layer kind and the LM head measured
+        return all(("decode", k, batch, context) in measured for k in kinds) and any(
+            r.section == "lm_head" and r.tokens == batch for r in rows
+        )
+
+    steps = [project_step(rows, wl, comm, b, c) for b, c in decode_cases(wl) if complete(b, c)]
+    try:
+        throughput = asdict(project_throughput(rows, wl, comm))
+    except KeyError as e:  # a case it needs failed
+        throughput = None
+        failures.append({"case": "projection", "error": f"missing measurement {e}"})
     meta = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
@@ -923,10 +988,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         | {"lm_head": lm_head_bytes(cfg, precision.act_bytes)},
         "formulas": FORMULAS,
         "rows": [{**asdict(r), **metrics(r, gpu)} for r in rows],
-        "projection": {
-            "steps": [asdict(s) for s in steps],
-            "throughput": asdict(project_throughput(rows, wl, comm)),
-        },
+        "projection": {"steps": [asdict(s) for s in steps], "throughput": throughput},
+        "failures": failures,
         "assumptions": {"comm": asdict(comm), "activation_bytes_on_wire": BF16_BYTES},
         "gpu_specs": [asdict(s) for s in GPU_SPECS],
         "reference": VLLM_REFERENCE,

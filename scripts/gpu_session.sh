@@ -11,7 +11,7 @@
 # 3. The served setting against fp32 on the tiny model: scripts/bench_engine.py with bf16 + FP8
 #    experts (moe_path reference, then kernel) and with fp32, the same workload.
 # At the end OUT_DIR holds every log, the results above, and what the machine was (GPU, driver,
-# torch, triton).
+# torch, triton). The limits add up to 570 s: the whole session fits one 10-minute device command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/gpu}
@@ -36,12 +36,12 @@ section() {  # section NAME LIMIT_S COMMAND...
     $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >"$OUT/machine.txt" 2>&1
 
-BENCH=(scripts/bench_engine.py --concurrency 1,8,32 --num-requests 16 --wait-quiet 0)
-section gpu-check 300 make gpu-check
-section bench-slice 300 make bench-slice
-section bench-fp32 240 $PY "${BENCH[@]}" --dtype float32 --experts dequant --out "$OUT/bench-fp32"
-section bench-bf16-fp8 240 $PY "${BENCH[@]}" --dtype bfloat16 --experts fp8 --out "$OUT/bench-bf16-fp8"
-section bench-bf16-fp8-kernel 240 $PY "${BENCH[@]}" --dtype bfloat16 --experts fp8 --moe-path kernel \
+BENCH=(scripts/bench_engine.py --concurrency 1,8 --num-requests 12 --wait-quiet 0)
+section gpu-check 150 make gpu-check
+section bench-slice 180 make bench-slice
+section bench-fp32 80 $PY "${BENCH[@]}" --dtype float32 --experts dequant --out "$OUT/bench-fp32"
+section bench-bf16-fp8 80 $PY "${BENCH[@]}" --dtype bfloat16 --experts fp8 --out "$OUT/bench-bf16-fp8"
+section bench-bf16-fp8-kernel 80 $PY "${BENCH[@]}" --dtype bfloat16 --experts fp8 --moe-path kernel \
     --out "$OUT/bench-bf16-fp8-kernel"
 cp -r results/gpu_check.json results/bench/slice.json results/bench/slice.md "$OUT"/ 2>/dev/null
 exit $status
