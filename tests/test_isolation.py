@@ -18,7 +18,8 @@ from conftest import scrape_metrics
 
 from client.llm import GrpcClient, HttpClient, grpc_inputs, request_fields
 from maverick.serving.model_dir import generation_defaults
-from maverick.serving.request import numpy_inputs, parse_request, to_tensors
+from maverick.serving.request import numpy_inputs, parse_request
+from maverick.serving.request_tensors import to_tensors
 from maverick.serving.step_output import StepOutput
 from maverick.tokenizer import Tokenizer
 

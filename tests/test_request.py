@@ -12,14 +12,8 @@ import re
 import numpy as np
 import pytest
 
-from maverick.serving.request import (
-    InvalidRequest,
-    from_tensors,
-    numpy_inputs,
-    parse_batch,
-    parse_request,
-    to_tensors,
-)
+from maverick.serving.request import InvalidRequest, numpy_inputs, parse_batch, parse_request
+from maverick.serving.request_tensors import from_tensors, to_tensors
 from maverick.serving.step_output import (
     RETURN_LOG_PROBS,
     RETURN_NUM_INPUT_TOKENS,

@@ -242,8 +242,7 @@ class LLMEngine:
         return seqs
 
     def _check_logits_size(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        rows = num_prompt_tokens * params.return_context_logits
-        rows += params.n * params.max_tokens * params.return_generation_logits
+        rows = params.logits_rows(num_prompt_tokens)
         size = rows * self.vocab_size * 4  # fp32
         if size > MAX_LOGITS_BYTES:
             raise RequestError(

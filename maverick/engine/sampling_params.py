@@ -257,6 +257,11 @@ class SamplingParams:
             self, n=1, seed=seed, return_context_logits=self.return_context_logits and i == 0
         )
 
+    def logits_rows(self, num_prompt_tokens: int) -> int:
+        """Rows of logits this request asks for at most: the prompt's, and each choice's tokens'."""
+        rows = num_prompt_tokens if self.return_context_logits else 0
+        return rows + (self.n * self.max_tokens if self.return_generation_logits else 0)
+
     @property
     def is_greedy(self) -> bool:
         """Argmax decoding: no randomness, so top_k / top_p / min_p / seed have no effect."""

@@ -1,15 +1,14 @@
 """A generate request as it arrives at the server, checked and turned into what the engine takes.
 
-Inputs use the TensorRT-LLM ensemble's names, so `/generate`, `/generate_stream`, Triton's
-OpenAI frontend and genai-perf work unchanged, plus ours for chat messages and images. They come
-in as numpy arrays of one request (batch dimension 1). Everything here raises `InvalidRequest`
-with a message meant for the user; nothing is silently dropped or clamped.
+Inputs use the TensorRT-LLM ensemble's names, so `/generate`, `/generate_stream`, TensorRT-LLM's
+own clients, Triton's OpenAI frontend and genai-perf work unchanged, plus ours for chat messages
+and images. They come in as numpy arrays, a row per prompt (`parse_batch`). Everything here
+raises `InvalidRequest` with a message meant for the user; nothing is silently dropped or clamped.
 
-Between the preprocessing and the `maverick` step a request travels as tensors: `input_ids`,
-`pixel_values` (all tiles of all images), `image_tiles` (tiles per image) and `request`, a JSON
-string with the sampling parameters and the response options. Whatever costs work in proportion
-to the request is done here, bounded, and not in the engine loop: bad words arrive there as token
-ids, and a prompt past the context is refused from the images' headers before any pixel is decoded.
+Whatever costs work in proportion to the request is done here, bounded, and not in the engine
+loop: bad words arrive there as token ids, and a prompt past the context is refused from the
+images' headers before any pixel is decoded. How a checked request travels on to the `maverick`
+step: request_tensors.py.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from maverick.engine.api import DEFAULT_MAX_TOKENS, ImageInput, Prompt, SamplingParams
+from maverick.engine.api import DEFAULT_MAX_TOKENS, Prompt, SamplingParams
 from maverick.engine.errors import SamplingParamsError
 from maverick.engine.sampling_params import (
     GUIDE_TYPES,
@@ -298,11 +296,7 @@ def parse_batch(
         reqs.append(dataclasses.replace(req, options=options))
     if len({r.options.stream for r in reqs}) > 1:
         raise InvalidRequest("stream must be the same for every prompt of a batched request")
-    rows = sum(
-        len(r.prompt.token_ids) * r.params.return_context_logits
-        + r.params.n * r.params.max_tokens * r.params.return_generation_logits
-        for r in reqs
-    )
+    rows = sum(r.params.logits_rows(len(r.prompt.token_ids)) for r in reqs)
     if rows * tokenizer.vocab_size * 4 > MAX_LOGITS_BYTES:
         raise InvalidRequest(
             f"the batch's prompts ask for {rows} rows of logits of {tokenizer.vocab_size} fp32 values "
@@ -515,88 +509,3 @@ def numpy_inputs(fields: dict[str, Any]) -> dict[str, np.ndarray]:
         else:
             out[name] = np.array([[value]])
     return out
-
-
-# -- the wire format between the pipeline steps ----------------------------------------------------
-def to_tensors(*reqs: GenerateRequest) -> dict[str, np.ndarray]:
-    """Batch-k tensors for the `maverick` step, one row per request: input_ids [k, longest]
-    (right-padded with 0), pixel_values [k, most tiles, 3, 336, 336] and image_tiles [k, most
-    images] (zero-padded), request [k, 1]; each request's JSON says how many ids and images are its."""
-    pixels, tiles, metas = [], [], []
-    for req in reqs:
-        images = req.prompt.images
-        pixels.append(
-            torch.cat([im.pixel_values for im in images]).numpy()
-            if images
-            else np.zeros((0, 3, 336, 336), dtype=np.float32)
-        )
-        tiles.append([im.num_tiles for im in images])
-        meta = {
-            "sampling": dataclasses.asdict(req.params),
-            "options": dataclasses.asdict(req.options),
-            "num_tokens": len(req.prompt.token_ids),
-            "num_images": len(images),
-        }
-        metas.append([json.dumps(meta).encode()])
-    ids = np.zeros((len(reqs), max(len(r.prompt.token_ids) for r in reqs)), dtype=np.int32)
-    image_tiles = np.zeros((len(reqs), max(map(len, tiles))), dtype=np.int32)
-    pixel_values = np.zeros((len(reqs), max(len(p) for p in pixels), 3, 336, 336), dtype=np.float32)
-    for b, req in enumerate(reqs):
-        ids[b, : len(req.prompt.token_ids)] = req.prompt.token_ids
-        image_tiles[b, : len(tiles[b])] = tiles[b]
-        pixel_values[b, : len(pixels[b])] = pixels[b]
-    return {
-        "input_ids": ids,
-        "pixel_values": pixel_values,
-        "image_tiles": image_tiles,
-        "request": np.array(metas, dtype=object),
-    }
-
-
-def from_tensors(t: dict[str, np.ndarray]) -> list[GenerateRequest]:
-    """Inverse of to_tensors: the batch's requests, in order."""
-    shapes = {name: arr.shape for name, arr in t.items()}
-    sizes = {s[0] if s else 0 for s in shapes.values()}
-    if any(len(s) < 2 for s in shapes.values()) or len(sizes) != 1 or 0 in sizes or t["request"].size == 0:
-        raise InvalidRequest(f"malformed request tensors: shapes {shapes}")
-    return [_from_row({name: arr[b] for name, arr in t.items()}) for b in range(t["request"].shape[0])]
-
-
-def _check_options(o: ResponseOptions) -> None:
-    """ResponseOptions as a direct caller of `maverick` may have written them (preprocessing's
-    are right): types and ranges, so that nothing odd reaches the packed responses."""
-    flags = (o.stream, o.default_max_tokens, o.flow_control, o.return_num_input_tokens,
-             o.return_num_output_tokens, o.return_perf_metrics)  # fmt: skip
-    if not all(isinstance(f, bool) for f in flags):
-        raise ValueError("the response options' flags must be booleans")
-    if o.echo_text is not None and not isinstance(o.echo_text, str):
-        raise ValueError("echo_text must be a string or null")
-    sizes = (o.batch_index, o.batch_size)
-    if not all(type(v) is int for v in sizes) or not 0 <= o.batch_index < o.batch_size <= MAX_BATCH:
-        raise ValueError(f"batch_index / batch_size must be integers, 0 <= index < size <= {MAX_BATCH}")
-
-
-def _from_row(t: dict[str, np.ndarray]) -> GenerateRequest:
-    try:
-        meta = json.loads(bytes(t["request"].reshape(-1)[0]).decode())
-        params = SamplingParams(**meta["sampling"])
-        options = ResponseOptions(**meta["options"])
-        num_tokens, num_images = int(meta["num_tokens"]), int(meta["num_images"])
-        _check_options(options)
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise InvalidRequest(f"malformed request tensor: {e}") from None
-    except RecursionError:  # JSON nested deeper than the interpreter recurses
-        raise InvalidRequest("malformed request tensor: nested too deeply") from None
-    ids, all_tiles = t["input_ids"].reshape(-1), t["image_tiles"].reshape(-1)
-    if not (0 < num_tokens <= ids.size and 0 <= num_images <= all_tiles.size):
-        raise InvalidRequest(f"malformed request tensor: {num_tokens} ids and {num_images} images do not fit")
-    tiles = all_tiles[:num_images].tolist()
-    if any(n < 1 for n in tiles):
-        raise InvalidRequest(f"image_tiles must be positive tile counts, got {tiles}")
-    pixels = torch.from_numpy(np.ascontiguousarray(t["pixel_values"][: sum(tiles)]))
-    if sum(tiles) != pixels.shape[0]:
-        raise InvalidRequest(
-            f"image_tiles add up to {sum(tiles)} but pixel_values has {pixels.shape[0]} tiles"
-        )
-    images = tuple(ImageInput.from_pixels(p) for p in pixels.split(tiles)) if tiles else ()
-    return GenerateRequest(Prompt(ids[:num_tokens].tolist(), images), params, options)

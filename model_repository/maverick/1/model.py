@@ -25,7 +25,6 @@ import secrets
 import threading
 import traceback
 import uuid
-from collections.abc import AsyncIterator
 
 import maverick_env  # noqa: F401  (first: puts the project's packages on the path)
 import numpy as np
@@ -35,11 +34,13 @@ from maverick_metrics import EngineMetrics, instance_labels
 from maverick.engine.api import RequestOutput
 from maverick.engine.engine_client import EngineClient
 from maverick.engine.errors import EngineDeadError, EngineOverloadedError, RequestError
+from maverick.serving.batch_streams import merge_streams
 from maverick.serving.engine_args import Instance, engine_config
 from maverick.serving.flow_control import FlowControlledStream
 from maverick.serving.model_dir import project_root
 from maverick.serving.priority import yield_to_engine
-from maverick.serving.request import InvalidRequest, fit_max_tokens, from_tensors
+from maverick.serving.request import InvalidRequest, fit_max_tokens
+from maverick.serving.request_tensors import from_tensors
 from maverick.serving.response_window import NO_ACK, AckBoard
 from maverick.serving.step_output import RETURN_PERF_METRICS, StepOutput
 from maverick.serving.supervisor import SupervisedEngine
@@ -146,7 +147,7 @@ class TritonPythonModel:
         try:
             pairs = zip(request_ids, reqs, strict=True)
             streams = [self.engine.generate(rid, r.prompt, r.params) for rid, r in pairs]
-            async with contextlib.aclosing(_merged(streams)) as outputs:
+            async with contextlib.aclosing(merge_streams(streams)) as outputs:
                 async for out in outputs:
                     self.metrics.observe(out)
                     if out.error:
@@ -225,44 +226,6 @@ class TritonPythonModel:
             return
         for request_id in request_ids:
             self.engine.abort(request_id)
-
-
-async def _merged(streams: list) -> AsyncIterator[RequestOutput]:
-    """The outputs of several engine streams (a batched request's) as they come; closing this closes
-    (aborts) them all. One stream is passed through as it is."""
-    if len(streams) == 1:
-        async with contextlib.aclosing(streams[0]):
-            async for out in streams[0]:
-                yield out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(b, stream):
-        try:
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    queue.put_nowait((out, None))
-            queue.put_nowait((None, None))
-        except RequestError as e:  # this prompt is refused: so is the request, naming it
-            queue.put_nowait((None, RequestError(f"batch index {b}: {e}")))
-        except Exception as e:  # noqa: BLE001 - raised where the outputs are read
-            queue.put_nowait((None, e))
-
-    tasks = [asyncio.ensure_future(pump(b, stream)) for b, stream in enumerate(streams)]
-    try:
-        running = len(tasks)
-        while running:
-            out, error = await queue.get()
-            if error is not None:
-                raise error
-            if out is None:
-                running -= 1
-            else:
-                yield out
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Undeliverable(Exception):

@@ -24,7 +24,8 @@ from maverick.serving.model_dir import (
     resolve_model_dir,
 )
 from maverick.serving.priority import yield_to_engine
-from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_batch, to_tensors
+from maverick.serving.request import KNOWN_INPUTS, InvalidRequest, parse_batch
+from maverick.serving.request_tensors import to_tensors
 from maverick.tokenizer import Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
