@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import scrape_metrics, start_triton
+from conftest import assert_stopped_cleanly, scrape_metrics, start_triton
 from test_triton import IMAGE_CHAT, TEXT_CHAT
 
 from client.llm import GrpcClient, HttpClient
@@ -129,7 +129,9 @@ def test_a_killed_rank_fails_its_requests_then_the_engine_serves_again(tiny_ckpt
         assert len(_ranks(server)) == 1 and rank1 not in _ranks(server)
     finally:
         pids = _descendants(server.proc.pid)
-        assert server.stop() == 0
+        # the failed stream is cancelled as its ensemble request ends: Triton 2.51 may then keep
+        # the ensemble registered (docs/failure-modes.md), the one exit it may take besides 0
+        assert_stopped_cleanly(server, server.cfg.build_dir / "server.log")
     deadline = time.monotonic() + 15
     while any(_cmdline(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
